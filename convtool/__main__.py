@@ -1,0 +1,5 @@
+"""`python -m convtool` runs the CLI."""
+
+from convtool.cli import main
+
+main()

@@ -1,0 +1,400 @@
+"""Index arithmetic -> the exact matrix `T` of a conv layer, dense or sparse.
+
+For one sample `x` of shape `(C_in, *spatial)` and `y = layer(x)` of shape `(C_out, *out)`,
+both flattened in C order, `y = T @ x + b`. Rows are `(c_out, out_position)`, columns
+`(c_in, in_position)`.
+
+How it is built (see DESIGN.md): the entries of one channel group are the same for every group
+and every output channel in it, up to a row/column offset. So we compute a *template* once: for
+each output position `o`, input channel in the group `ci` and kernel tap `k`, the input column
+that tap reads (after the padding map: crop for zeros, a gather for the other modes, where
+several taps may land on one column and are summed). Every output channel then is the template
+shifted, with values gathered from its kernel. The cost is the template (`P_out * C_in/g * K`)
+plus one pass over the non-zeros.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from convtool.errors import ConvtoolError
+from convtool.spec import ConvSpec
+
+SparseLayout = Literal["coo", "csr"]
+
+
+@dataclass(frozen=True)
+class Template:
+    """Entries of one (output channel, input-channel group) block of the forward-conv matrix.
+
+    All index tensors are int64. Entries are sorted by (row, col) and unique.
+
+    Attributes:
+        rows: `(L,)` output position (flat index into out_spatial) of each entry.
+        cols: `(L,)` column inside the group's input block: `ci_in_group * P_in + in_position`.
+        src: `(U,)` index into the group's flattened kernel `w[co].reshape(-1)` for each tap.
+        merge: `(U,)` entry (0..L-1) each tap adds into, or None when taps and entries coincide.
+        row_counts: `(P_out,)` entries per output position.
+        out_spatial / in_spatial: spatial shapes on the forward-conv side.
+    """
+
+    rows: Tensor
+    cols: Tensor
+    src: Tensor
+    merge: Tensor | None
+    row_counts: Tensor
+    out_spatial: tuple[int, ...]
+    in_spatial: tuple[int, ...]
+
+
+def _axis_positions(
+    n: int, m: int, k: int, s: int, d: int, lo: int, mode: str
+) -> tuple[Tensor, Tensor | None]:
+    """Input index read by output position o and tap j along one axis: `(m, k)` int64.
+
+    Returns the indices (already mapped back into [0, n) for non-zero padding modes) and, for
+    zero padding, the mask of taps that read real input (None when all do).
+    """
+    pos = (
+        torch.arange(m, dtype=torch.int64)[:, None] * s
+        + torch.arange(k, dtype=torch.int64)[None, :] * d
+        - lo
+    )
+    if mode == "zeros":
+        valid = (pos >= 0) & (pos < n)
+        if bool(valid.all()):
+            return pos, None
+        return pos.clamp(0, n - 1), valid
+    if mode == "replicate":
+        return pos.clamp(0, n - 1), None
+    if mode == "circular":
+        return pos.remainder(n), None
+    if mode == "reflect":
+        # PyTorch's reflect excludes the edge: -1 -> 1, n -> n - 2 (pad < n guarantees one bounce).
+        pos = torch.where(pos < 0, -pos, pos)
+        return torch.where(pos >= n, 2 * (n - 1) - pos, pos), None
+    raise ConvtoolError(f"unknown padding_mode {mode!r}")
+
+
+@lru_cache(maxsize=8)
+def _template_cached(
+    in_spatial: tuple[int, ...],
+    out_spatial: tuple[int, ...],
+    cin_g: int,
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+    pad_lo: tuple[int, ...],
+    mode: str,
+) -> Template:
+    ndim = len(kernel)
+    p_in = math.prod(in_spatial)
+    p_out = math.prod(out_spatial)
+    ktaps = math.prod(kernel)
+    # Combine the per-axis (m_i, k_i) tables into one (m_1..m_D, k_1..k_D) table by broadcasting.
+    flat_in = torch.zeros((1,) * (2 * ndim), dtype=torch.int64)
+    valid: Tensor | None = None
+    in_stride = 1
+    for axis in reversed(range(ndim)):
+        pos, ok = _axis_positions(
+            in_spatial[axis],
+            out_spatial[axis],
+            kernel[axis],
+            stride[axis],
+            dilation[axis],
+            pad_lo[axis],
+            mode,
+        )
+        view = [1] * (2 * ndim)
+        view[axis], view[ndim + axis] = out_spatial[axis], kernel[axis]
+        flat_in = flat_in + pos.view(view) * in_stride
+        if ok is not None:
+            valid = ok.view(view) if valid is None else valid & ok.view(view)
+        in_stride *= in_spatial[axis]
+    flat_in = flat_in.expand(*out_spatial, *kernel).reshape(p_out, 1, ktaps)
+
+    # Template over (o, ci, k): the natural order is sorted by (row, col) when nothing wraps.
+    ci = torch.arange(cin_g, dtype=torch.int64).view(1, cin_g, 1)
+    cols = (ci * p_in + flat_in).expand(p_out, cin_g, ktaps)
+    src = (ci * ktaps + torch.arange(ktaps, dtype=torch.int64).view(1, 1, ktaps)).expand(
+        p_out, cin_g, ktaps
+    )
+    rows = torch.arange(p_out, dtype=torch.int64).view(p_out, 1, 1).expand(p_out, cin_g, ktaps)
+    if valid is not None:
+        mask = valid.expand(*out_spatial, *kernel).reshape(p_out, 1, ktaps).expand_as(cols)
+        rows, cols, src = rows[mask], cols[mask], src[mask]
+    else:
+        rows, cols, src = rows.reshape(-1), cols.reshape(-1), src.reshape(-1)
+
+    merge: Tensor | None = None
+    if mode != "zeros":
+        # Gathers may put several taps on one column, in any order: sort and merge them.
+        key = rows * (cin_g * p_in) + cols
+        uniq, inverse = torch.unique(key, sorted=True, return_inverse=True)
+        if uniq.numel() != key.numel() or not bool((inverse[1:] > inverse[:-1]).all()):
+            rows, cols, merge = uniq // (cin_g * p_in), uniq % (cin_g * p_in), inverse
+    row_counts = torch.bincount(rows, minlength=p_out)
+    return Template(rows, cols, src, merge, row_counts, out_spatial, in_spatial)
+
+
+def _forward_geometry(
+    spec: ConvSpec, input_shape: Sequence[int]
+) -> tuple[ConvSpec, tuple[int, ...], tuple[int, ...]]:
+    """The forward conv whose matrix (or its transpose) is this layer's, with its spatial shapes.
+
+    For a transposed conv with weight `(C_in, C_out/g, *k)`, the forward conv has that same
+    weight read as `(out, in/g, *k)`, input = the transposed conv's output and output = the
+    transposed conv's input (rows past it, possible with output_padding >= stride, are dropped).
+    """
+    sample = spec.sample_shape(input_shape)
+    out_shape = spec.output_shape(sample)
+    if not spec.transposed:
+        return spec, sample[1:], out_shape[1:]
+    fwd = ConvSpec(
+        ndim=spec.ndim,
+        in_channels=spec.out_channels,
+        out_channels=spec.in_channels,
+        kernel_size=spec.kernel_size,
+        stride=spec.stride,
+        padding=spec.padding,
+        dilation=spec.dilation,
+        groups=spec.groups,
+        padding_mode="zeros",
+        transposed=False,
+        output_padding=(0,) * spec.ndim,
+        bias=False,
+    )
+    return fwd, out_shape[1:], sample[1:]
+
+
+def template(spec: ConvSpec, input_shape: Sequence[int]) -> tuple[ConvSpec, Template]:
+    """The forward-conv spec and the template of its matrix (see module docstring)."""
+    fwd, in_sp, out_sp = _forward_geometry(spec, input_shape)
+    tpl = _template_cached(
+        in_sp,
+        out_sp,
+        fwd.in_channels // fwd.groups,
+        fwd.kernel_size,
+        fwd.stride,
+        fwd.dilation,
+        tuple(lo for lo, _ in fwd.pad_pairs),
+        fwd.padding_mode,
+    )
+    return fwd, tpl
+
+
+def matrix_shape(spec: ConvSpec, input_shape: Sequence[int]) -> tuple[int, int]:
+    """`(rows, cols)` of `T`: (numel of one output sample, numel of one input sample)."""
+    sample = spec.sample_shape(input_shape)
+    return math.prod(spec.output_shape(sample)), math.prod(sample)
+
+
+def nnz(spec: ConvSpec, input_shape: Sequence[int]) -> int:
+    """Structural non-zeros of `T` (taps reading padding removed, coinciding taps merged)."""
+    fwd, tpl = template(spec, input_shape)
+    return int(tpl.rows.numel()) * fwd.out_channels
+
+
+def _check_weight(spec: ConvSpec, weight: Tensor) -> Tensor:
+    if tuple(weight.shape) != spec.weight_shape:
+        raise ConvtoolError(
+            f"weight has shape {tuple(weight.shape)} but {spec.describe()} needs "
+            f"{spec.weight_shape}"
+        )
+    if not weight.is_floating_point():
+        raise ConvtoolError(f"weight must be a floating-point tensor, got dtype {weight.dtype}")
+    return weight.detach()
+
+
+def _values(fwd: ConvSpec, tpl: Template, weight: Tensor, co: slice) -> Tensor:
+    """Values of the entries of output channels `co` (forward side): `(n_co, L)`."""
+    w = weight.reshape(fwd.out_channels, -1)[co]
+    vals = w[:, tpl.src]
+    if tpl.merge is not None:
+        merged = vals.new_zeros((vals.shape[0], tpl.rows.numel()))
+        vals = merged.index_add_(1, tpl.merge, vals)
+    return vals
+
+
+def coo_entries(
+    spec: ConvSpec,
+    weight: Tensor,
+    input_shape: Sequence[int],
+    out_channels: slice | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`(rows, cols, values)` of the forward-conv matrix, sorted by (row, col), no duplicates.
+
+    For a transposed conv these are the entries of the *forward* conv whose transpose is `T`
+    (swap rows and cols). `out_channels` restricts to a range of forward output channels (the
+    rows of that range), which is how large matrices are streamed in blocks.
+    """
+    weight = _check_weight(spec, weight)
+    fwd, tpl = template(spec, input_shape)
+    co = out_channels or slice(0, fwd.out_channels)
+    start, stop, _ = co.indices(fwd.out_channels)
+    channels = torch.arange(start, stop, dtype=torch.int64)[:, None]
+    p_in = math.prod(tpl.in_spatial)
+    p_out = math.prod(tpl.out_spatial)
+    cin_g = fwd.in_channels // fwd.groups
+    cout_g = fwd.out_channels // fwd.groups
+    rows = (channels * p_out + tpl.rows).reshape(-1)
+    cols = ((channels // cout_g) * (cin_g * p_in) + tpl.cols).reshape(-1)
+    vals = _values(fwd, tpl, weight, slice(start, stop)).reshape(-1)
+    return rows, cols, vals
+
+
+def _dense(spec: ConvSpec, weight: Tensor, input_shape: Sequence[int]) -> Tensor:
+    weight = _check_weight(spec, weight)
+    fwd, tpl = template(spec, input_shape)
+    m, n = matrix_shape(spec, input_shape)
+    out = weight.new_zeros((m, n))
+    target = out.t() if spec.transposed else out  # forward-conv (row, col) coordinates
+    sr, sc = target.stride()
+    p_in = math.prod(tpl.in_spatial)
+    p_out = math.prod(tpl.out_spatial)
+    groups = fwd.groups
+    cout_g = fwd.out_channels // groups
+    cin_g = fwd.in_channels // groups
+    # A view (group, out channel in group, template offset) of the matrix: every element written
+    # is a real entry of the matrix, so the view stays inside its storage.
+    offsets = tpl.rows * sr + tpl.cols * sc
+    view = torch.as_strided(
+        out,
+        (groups, cout_g, int(offsets.max()) + 1),
+        (cout_g * p_out * sr + cin_g * p_in * sc, p_out * sr, 1),
+    )
+    vals = _values(fwd, tpl, weight, slice(None)).view(groups, cout_g, -1)
+    view[:, :, offsets] = vals
+    return out
+
+
+def _sparse(
+    spec: ConvSpec, weight: Tensor, input_shape: Sequence[int], layout: SparseLayout
+) -> Tensor:
+    if layout not in ("coo", "csr"):
+        raise ConvtoolError(f"sparse layout must be 'coo' or 'csr', got {layout!r}")
+    rows, cols, vals = coo_entries(spec, weight, input_shape)
+    size = matrix_shape(spec, input_shape)
+    if spec.transposed:
+        t = torch.sparse_coo_tensor(torch.stack([cols, rows]), vals, size).coalesce()
+        return t.to_sparse_csr() if layout == "csr" else t
+    if layout == "csr":
+        _, tpl = template(spec, input_shape)
+        counts = tpl.row_counts.repeat(spec.out_channels)
+        crow = torch.zeros(size[0] + 1, dtype=torch.int64)
+        torch.cumsum(counts, 0, out=crow[1:])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "CSR support is in beta": we only build and multiply
+            return torch.sparse_csr_tensor(crow, cols, vals, size, check_invariants=False)
+    return torch.sparse_coo_tensor(
+        torch.stack([rows, cols]), vals, size, is_coalesced=True, check_invariants=False
+    )
+
+
+def toeplitz_from_weight(
+    weight: Tensor,
+    input_shape: Sequence[int],
+    *,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] | str = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    transposed: bool = False,
+    output_padding: int | Sequence[int] = 0,
+    sparse: bool = False,
+    layout: SparseLayout = "coo",
+) -> Tensor:
+    """The matrix of a conv given as a raw kernel plus PyTorch's hyperparameters.
+
+    Args:
+        weight: `(C_out, C_in/groups, *kernel)`, or `(C_in, C_out/groups, *kernel)` when
+            `transposed`, as PyTorch stores it.
+        input_shape: one sample `(C_in, *spatial)` (a leading batch dim is accepted).
+        sparse: return a torch sparse tensor (built from indices, never from a dense matrix).
+        layout: 'coo' (coalesced) or 'csr' when `sparse`.
+
+    Returns:
+        `T` of shape `(C_out * prod(out_spatial), C_in * prod(spatial))`, dtype of `weight`.
+    """
+    spec = ConvSpec.from_weight(
+        tuple(weight.shape),
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        padding_mode=padding_mode,
+        transposed=transposed,
+        output_padding=output_padding,
+    )
+    return matrix(spec, weight, input_shape, sparse=sparse, layout=layout)
+
+
+def matrix(
+    spec: ConvSpec,
+    weight: Tensor,
+    input_shape: Sequence[int],
+    *,
+    sparse: bool = False,
+    layout: SparseLayout = "coo",
+) -> Tensor:
+    """`T` for a spec and its weight (see :func:`toeplitz_from_weight`)."""
+    if sparse:
+        return _sparse(spec, weight, input_shape, layout)
+    return _dense(spec, weight, input_shape)
+
+
+def toeplitz(
+    layer: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    sparse: bool = False,
+    layout: SparseLayout = "coo",
+) -> Tensor:
+    """The exact matrix `T` of a conv layer: `layer(x).flatten() == T @ x.flatten() + b`.
+
+    Args:
+        layer: `nn.Conv1d/2d/3d` or `nn.ConvTranspose1d/2d/3d`, any hyperparameters.
+        input_shape: one sample `(C_in, *spatial)` (a leading batch dim is accepted).
+        sparse: return a torch sparse tensor (COO coalesced, or CSR with `layout='csr'`).
+
+    Returns:
+        `T` of shape `(C_out * prod(out_spatial), C_in * prod(spatial))`; the bias is
+        :func:`bias_vector`.
+    """
+    spec = ConvSpec.from_module(layer)
+    weight = layer.weight
+    if not isinstance(weight, Tensor):
+        raise ConvtoolError(f"{type(layer).__name__} has no weight tensor")
+    return matrix(spec, weight, input_shape, sparse=sparse, layout=layout)
+
+
+def bias_vector_for(
+    spec: ConvSpec, bias: Tensor | None, input_shape: Sequence[int], dtype: torch.dtype
+) -> Tensor:
+    """The bias repeated per output position: `(C_out * prod(out_spatial),)`; zeros if None."""
+    out_shape = spec.output_shape(input_shape)
+    positions = math.prod(out_shape[1:])
+    if bias is None:
+        return torch.zeros(out_shape[0] * positions, dtype=dtype)
+    bias = bias.detach()
+    if tuple(bias.shape) != (spec.out_channels,):
+        raise ConvtoolError(
+            f"bias has shape {tuple(bias.shape)} but {spec.describe()} needs ({spec.out_channels},)"
+        )
+    return bias.to(dtype).repeat_interleave(positions)
+
+
+def bias_vector(layer: nn.Module, input_shape: Sequence[int]) -> Tensor:
+    """`b` such that `layer(x).flatten() == toeplitz(layer, ...) @ x.flatten() + b`."""
+    spec = ConvSpec.from_module(layer)
+    bias = getattr(layer, "bias", None)
+    return bias_vector_for(spec, bias, input_shape, layer.weight.dtype)
