@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
@@ -398,3 +398,148 @@ def bias_vector(layer: nn.Module, input_shape: Sequence[int]) -> Tensor:
     spec = ConvSpec.from_module(layer)
     bias = getattr(layer, "bias", None)
     return bias_vector_for(spec, bias, input_shape, layer.weight.dtype)
+
+
+def _axis_pairs(n: int, m: int, k: int, s: int, d: int, lo: int, mode: str) -> int:
+    """Distinct (output position, input index) pairs along one axis, padding taps removed."""
+    pos, valid = _axis_positions(n, m, k, s, d, lo, mode)
+    key = torch.arange(m, dtype=torch.int64)[:, None] * n + pos
+    if valid is not None:
+        key = key[valid]
+    return int(torch.unique(key).numel())
+
+
+def structural_nnz(spec: ConvSpec, input_shape: Sequence[int]) -> int:
+    """Structural non-zeros of `T`, computed per axis without building the matrix.
+
+    A tap lands on column `(ci, i_1, ..., i_D)`; two taps of one row coincide exactly when every
+    per-axis index does, so the distinct (row, col) pairs factor over the axes. Cost: O(sum of
+    out_size * kernel_size) whatever the layer's size.
+    """
+    sample = spec.sample_shape(input_shape)
+    out = spec.output_shape(sample)
+    if spec.transposed:
+        in_sp, out_sp, c_rows, c_cols = out[1:], sample[1:], spec.in_channels, spec.out_channels
+    else:
+        in_sp, out_sp, c_rows, c_cols = sample[1:], out[1:], spec.out_channels, spec.in_channels
+    mode = spec.padding_mode
+    count = c_rows * (c_cols // spec.groups)
+    for axis, (lo, _) in enumerate(spec.pad_pairs):
+        count *= _axis_pairs(
+            in_sp[axis],
+            out_sp[axis],
+            spec.kernel_size[axis],
+            spec.stride[axis],
+            spec.dilation[axis],
+            lo,
+            mode,
+        )
+    return count
+
+
+def dense_row_blocks(
+    spec: ConvSpec, weight: Tensor, input_shape: Sequence[int], block_rows: int
+) -> Iterator[tuple[int, Tensor]]:
+    """Yield `(first_row, block)` covering `T` top to bottom, `block_rows` rows at a time.
+
+    Only one block is in memory at a time, so a matrix larger than RAM can be streamed to disk.
+    """
+    weight = _check_weight(spec, weight)
+    fwd, tpl = template(spec, input_shape)
+    m, n = matrix_shape(spec, input_shape)
+    block_rows = max(1, int(block_rows))
+    p_in = math.prod(tpl.in_spatial)
+    p_out = math.prod(tpl.out_spatial)
+    groups = fwd.groups
+    cout_g = fwd.out_channels // groups
+    cin_g = fwd.in_channels // groups
+    if spec.transposed:
+        # Rows of T are columns of the forward matrix: walk the template in column order.
+        order = torch.argsort(tpl.cols, stable=True)
+        keys, rows_f = tpl.cols[order], tpl.rows[order]
+        unit = cin_g * p_in  # T rows per group
+    else:
+        order = None
+        keys, rows_f = tpl.rows, tpl.cols
+        unit = p_out  # T rows per forward output channel
+    cache: dict[int, Tensor] = {}
+
+    def vals_of(channels: slice) -> Tensor:
+        key = channels.start
+        if key not in cache:
+            cache.clear()
+            v = _values(fwd, tpl, weight, channels)
+            cache[key] = v if order is None else v[:, order]
+        return cache[key]
+
+    for r0 in range(0, m, block_rows):
+        r1 = min(m, r0 + block_rows)
+        block = weight.new_zeros((r1 - r0, n))
+        for u in range(r0 // unit, (r1 - 1) // unit + 1):
+            lo, hi = max(r0, u * unit) - u * unit, min(r1, (u + 1) * unit) - u * unit
+            a, b = (int(i) for i in torch.searchsorted(keys, torch.tensor([lo, hi])))
+            if a == b:
+                continue
+            local = keys[a:b] + u * unit - r0
+            if spec.transposed:  # u is a group; every forward output channel of it contributes
+                chans = slice(u * cout_g, (u + 1) * cout_g)
+                cols = torch.arange(chans.start, chans.stop)[:, None] * p_out + rows_f[a:b]
+                block[local.expand_as(cols), cols] = vals_of(chans)[:, a:b]
+            else:  # u is a forward output channel
+                cols = (u // cout_g) * cin_g * p_in + rows_f[a:b]
+                block[local, cols] = vals_of(slice(u, u + 1))[0, a:b]
+        yield r0, block
+
+
+@dataclass(frozen=True)
+class MatrixInfo:
+    """Sizes of `T` for one layer and input, computed without building it."""
+
+    layer: str
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    shape: tuple[int, int]
+    nnz: int
+    dtype: str
+    itemsize: int
+
+    @property
+    def density(self) -> float:
+        rows, cols = self.shape
+        return self.nnz / (rows * cols)
+
+    @property
+    def dense_bytes(self) -> int:
+        return self.shape[0] * self.shape[1] * self.itemsize
+
+    @property
+    def csr_bytes(self) -> int:
+        """values + int64 column indices + int64 row pointers."""
+        return self.nnz * (self.itemsize + 8) + (self.shape[0] + 1) * 8
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "layer": self.layer,
+            "input_shape": list(self.input_shape),
+            "output_shape": list(self.output_shape),
+            "matrix_shape": list(self.shape),
+            "nnz": self.nnz,
+            "density": self.density,
+            "dtype": self.dtype,
+            "dense_bytes": self.dense_bytes,
+            "sparse_bytes": self.csr_bytes,
+        }
+
+
+def matrix_info(spec: ConvSpec, input_shape: Sequence[int], dtype: torch.dtype) -> MatrixInfo:
+    """Shapes, nnz and byte sizes of `T` (O(out_size * kernel) work, no matrix)."""
+    sample = spec.sample_shape(input_shape)
+    return MatrixInfo(
+        layer=spec.describe(),
+        input_shape=sample,
+        output_shape=spec.output_shape(sample),
+        shape=matrix_shape(spec, sample),
+        nnz=structural_nnz(spec, sample),
+        dtype=str(dtype).removeprefix("torch."),
+        itemsize=torch.empty((), dtype=dtype).element_size(),
+    )

@@ -1,0 +1,106 @@
+"""The Typer app, global options, and the one place errors become exit codes.
+
+Exit codes: 0 success / equivalent, 1 verification mismatch, 2 bad input or usage.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Annotated, Any
+
+import typer
+from typer.core import TyperGroup
+
+from convtool import __version__
+from convtool.errors import ConvtoolError
+
+EXIT_OK, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
+
+
+def _debug_requested(args: list[str]) -> bool:
+    return "--debug" in args or os.environ.get("CONVTOOL_DEBUG", "") not in ("", "0")
+
+
+def _fail(message: str) -> None:
+    """One line on stderr, exit 2."""
+    typer.echo(f"convtool: error: {message}", err=True)
+    sys.exit(EXIT_USAGE)
+
+
+class _Group(TyperGroup):
+    """Runs commands with click's standalone handling off, so every failure is one line."""
+
+    def main(self, args: Any = None, *posargs: Any, **kwargs: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        kwargs["standalone_mode"] = False
+        try:
+            result = super().main(argv, *posargs, **kwargs)
+        except typer.Exit as exc:
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            typer.echo("convtool: aborted", err=True)
+            sys.exit(130)
+        except typer.TyperException as exc:  # usage errors from the (vendored) click parser
+            ctx = getattr(exc, "ctx", None)
+            if type(exc).__name__ == "NoArgsIsHelpError":
+                typer.echo(exc.format_message())
+                sys.exit(EXIT_OK)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            _fail(f"{exc.format_message()}{hint}")
+        except ConvtoolError as exc:
+            if _debug_requested(argv):
+                traceback.print_exc()
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            typer.echo("convtool: interrupted", err=True)
+            sys.exit(130)
+        except MemoryError:
+            if _debug_requested(argv):
+                traceback.print_exc()
+            _fail("out of memory; try --sparse, a smaller input shape, or --max-memory")
+        except Exception as exc:
+            if _debug_requested(argv):
+                traceback.print_exc()
+            _fail(
+                f"unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                f" (this is a bug in convtool; rerun with --debug for the traceback)"
+            )
+        sys.exit(result if isinstance(result, int) else EXIT_OK)
+
+
+app = typer.Typer(
+    cls=_Group,
+    name="convtool",
+    help="Turn convolution layers into their exact matrices, locally-connected and "
+    "fully-connected equivalents.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"convtool {__version__}")
+        raise typer.Exit(EXIT_OK)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Show the version."),
+    ] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")
+    ] = False,
+) -> None:
+    """convtool: exact linear-algebra equivalents of PyTorch convolutions."""
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,1 @@
+"""Reading kernels and checkpoints, writing matrices and models. No math lives here."""

@@ -1,0 +1,194 @@
+"""What a SOURCE argument names: one or more conv layers with their weights.
+
+A source is a raw kernel file plus conv flags, or a checkpoint (state_dict + architecture,
+TorchScript archive, torch.export program). Every subcommand goes through :func:`load_source`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from convtool.errors import ConvtoolError
+from convtool.io.tensors import read_tensors
+from convtool.spec import ConvSpec
+
+
+@dataclass(frozen=True)
+class ConvFlags:
+    """Hyperparameters given on the command line for a raw kernel (PyTorch's names)."""
+
+    stride: int | tuple[int, ...] = 1
+    padding: int | tuple[int, ...] | str = 0
+    dilation: int | tuple[int, ...] = 1
+    groups: int = 1
+    padding_mode: str = "zeros"
+    transposed: bool = False
+    output_padding: int | tuple[int, ...] = 0
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """Everything that says how to read a SOURCE."""
+
+    flags: ConvFlags = field(default_factory=ConvFlags)
+    layer: str | None = None
+    bias: Path | None = None
+    model: str | None = None
+    model_kwargs: str | None = None
+    allow_pickle: bool = False
+
+
+@dataclass
+class ConvLayer:
+    """One conv layer of a source.
+
+    Attributes:
+        name: the module path in the model ('features.0'), or the kernel file's stem.
+        spec: its hyperparameters.
+        weight: as PyTorch stores it, `(C_out, C_in/groups, *kernel)` (transposed: in/out swapped).
+        bias: `(C_out,)` or None.
+        input_shape: one sample `(C_in, *spatial)` when the source knows it (a traced model).
+        module: the live nn.Module when the source has one.
+    """
+
+    name: str
+    spec: ConvSpec
+    weight: Tensor
+    bias: Tensor | None
+    input_shape: tuple[int, ...] | None = None
+    module: nn.Module | None = None
+
+
+@dataclass
+class Source:
+    """A loaded SOURCE: its conv layers and, for checkpoints, the model they belong to."""
+
+    path: Path
+    kind: str
+    layers: list[ConvLayer]
+    model: nn.Module | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def select(self, name: str | None) -> ConvLayer:
+        """The one layer a single-layer command works on: `--layer NAME`, or the only one."""
+        if name is None:
+            if len(self.layers) == 1:
+                return self.layers[0]
+            raise ConvtoolError(
+                f"{str(self.path)!r} has {len(self.layers)} conv layers; pick one with --layer "
+                f"NAME ({_names(self.layers)})"
+            )
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise ConvtoolError(
+            f"no conv layer named {name!r} in {str(self.path)!r}; it has {_names(self.layers)}"
+        )
+
+
+def _names(layers: Sequence[ConvLayer], limit: int = 10) -> str:
+    names = [layer.name for layer in layers]
+    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more if names else "none"
+
+
+def _as_float(t: Tensor, what: str) -> Tensor:
+    if t.is_floating_point():
+        return t
+    if t.dtype in (torch.complex64, torch.complex128):
+        raise ConvtoolError(f"{what} is complex ({t.dtype}); convtool handles real tensors")
+    return t.to(torch.float64)  # integer kernels are exact in float64
+
+
+def _kernel_entries(
+    tensors: Tensor | dict[str, Tensor], path: Path, layer: str | None
+) -> tuple[str, Tensor, Tensor | None]:
+    """(name, weight, bias) from a kernel file's contents."""
+    stem = path.name.split(".")[0] or "kernel"
+    if isinstance(tensors, Tensor):
+        if layer is not None:
+            raise ConvtoolError(f"{str(path)!r} holds a single tensor; drop --layer {layer!r}")
+        return stem, tensors, None
+    if layer is not None:
+        for key in (f"{layer}.weight", layer):
+            if key in tensors:
+                return layer, tensors[key], tensors.get(f"{layer}.bias")
+        raise ConvtoolError(f"no tensor {layer + '.weight'!r} in {str(path)!r}")
+    if "weight" in tensors:
+        return stem, tensors["weight"], tensors.get("bias")
+    if len(tensors) == 1:
+        return stem, next(iter(tensors.values())), None
+    candidates = [
+        k[: -len(".weight")] for k, v in tensors.items() if k.endswith(".weight") and v.dim() >= 3
+    ]
+    if not candidates:
+        raise ConvtoolError(
+            f"{str(path)!r} holds {len(tensors)} tensors and none is a conv kernel "
+            f"(name.weight with 3-5 dims)"
+        )
+    if len(candidates) == 1:
+        name = candidates[0]
+        return name, tensors[f"{name}.weight"], tensors.get(f"{name}.bias")
+    raise ConvtoolError(
+        f"{str(path)!r} holds several conv kernels; pick one with --layer NAME "
+        f"({', '.join(candidates[:10])}), or give --model MODULE:CALLABLE for the whole model"
+    )
+
+
+def load_kernel(path: Path, options: SourceOptions) -> Source:
+    """A source of one conv layer: a raw kernel (or one state_dict entry) plus `options.flags`."""
+    name, weight, bias = _kernel_entries(read_tensors(path), path, options.layer)
+    if options.bias is not None:
+        extra = read_tensors(options.bias)
+        if isinstance(extra, dict):
+            if "bias" not in extra and len(extra) != 1:
+                raise ConvtoolError(f"{str(options.bias)!r} holds several tensors and no 'bias'")
+            extra = extra.get("bias", next(iter(extra.values())))
+        bias = extra
+    weight = _as_float(weight, f"the kernel in {str(path)!r}")
+    if weight.dim() not in (3, 4, 5):
+        raise ConvtoolError(
+            f"the kernel in {str(path)!r} has shape {tuple(weight.shape)}; a conv kernel has 3, 4 "
+            f"or 5 dims: (C_out, C_in/groups, *kernel), e.g. (16, 3, 3, 3) for a 3x3 Conv2d"
+        )
+    flags = options.flags
+    spec = ConvSpec.from_weight(
+        tuple(weight.shape),
+        stride=flags.stride,
+        padding=flags.padding,
+        dilation=flags.dilation,
+        groups=flags.groups,
+        padding_mode=flags.padding_mode,
+        transposed=flags.transposed,
+        output_padding=flags.output_padding,
+        bias=bias is not None,
+    )
+    if bias is not None:
+        bias = _as_float(bias, "the bias").to(weight.dtype)
+        if tuple(bias.shape) != (spec.out_channels,):
+            raise ConvtoolError(
+                f"the bias has shape {tuple(bias.shape)} but the kernel {tuple(weight.shape)} "
+                f"needs ({spec.out_channels},)"
+            )
+    return Source(path, "kernel", [ConvLayer(name, spec, weight, bias)])
+
+
+def load_source(path: Path, options: SourceOptions) -> Source:
+    """Load whatever SOURCE names (see module docstring)."""
+    return load_kernel(path, options)
+
+
+def check_finite(layer: ConvLayer) -> None:
+    """Refuse NaN/inf weights (the CLI's --allow-nonfinite skips this)."""
+    for what, t in (("weight", layer.weight), ("bias", layer.bias)):
+        if t is not None and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ConvtoolError(
+                f"layer {layer.name!r} has {bad} NaN/inf value(s) in its {what}; fix the file or "
+                f"pass --allow-nonfinite"
+            )

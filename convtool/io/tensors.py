@@ -1,0 +1,131 @@
+"""Read the tensors in a file without running code: .npy, .npz, .pt/.pth, .safetensors."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from convtool.errors import ConvtoolError
+
+TENSOR_SUFFIXES = (".npy", ".npz", ".pt", ".pth", ".safetensors")
+# Containers people wrap state_dicts in (Lightning, timm, torchvision references, DDP).
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "weights")
+
+
+def check_readable(path: Path) -> None:
+    """One clear line for a missing, unreadable or empty file."""
+    if not path.exists():
+        raise ConvtoolError(f"{str(path)!r} does not exist")
+    if path.is_dir():
+        raise ConvtoolError(f"{str(path)!r} is a directory; give a file")
+    try:
+        with path.open("rb") as f:
+            head = f.read(1)
+    except OSError as exc:
+        raise ConvtoolError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from None
+    if not head:
+        raise ConvtoolError(f"{str(path)!r} is empty")
+
+
+def _from_numpy(array: np.ndarray, path: Path, key: str | None = None) -> Tensor:
+    where = f"{str(path)!r}" + (f" [{key!r}]" if key else "")
+    if array.dtype == object or array.dtype.fields is not None:
+        raise ConvtoolError(f"{where} holds {array.dtype} data, not a numeric array")
+    if array.dtype.kind not in "fiub":
+        raise ConvtoolError(f"{where} holds {array.dtype} data, not a real numeric array")
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+    except pickle.UnpicklingError as exc:
+        # weights_only refused a global: the file wants to run code to load.
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported object"
+        raise ConvtoolError(
+            f"{str(path)!r} is not a plain tensor or state_dict file (loading it would run code: "
+            f"{first[:160]}); re-save it with torch.save(model.state_dict(), ...)"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConvtoolError(
+            f"cannot read {str(path)!r} as a PyTorch file (truncated or not a torch.save "
+            f"file?): {reason[:200]}"
+        ) from None
+
+
+def unwrap_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
+    """A flat `{name: tensor}` from a state_dict, peeling common wrappers and `module.` prefixes."""
+    for _ in range(3):
+        if isinstance(obj, Mapping) and not any(isinstance(v, Tensor) for v in obj.values()):
+            inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+            if inner is None:
+                break
+            obj = inner
+    if not isinstance(obj, Mapping):
+        raise ConvtoolError(
+            f"{str(path)!r} holds a {type(obj).__name__}, not a tensor or a state_dict"
+        )
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
+    if not tensors:
+        raise ConvtoolError(f"{str(path)!r} holds no tensors (keys: {_key_list(obj)})")
+    for prefix in ("module.", "_orig_mod."):
+        if all(k.startswith(prefix) for k in tensors):
+            tensors = {k[len(prefix) :]: v for k, v in tensors.items()}
+    return tensors
+
+
+def _key_list(obj: Mapping[Any, Any], limit: int = 8) -> str:
+    keys = [str(k) for k in obj]
+    more = f", ... ({len(keys)} in all)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def read_tensors(path: Path) -> Tensor | dict[str, Tensor]:
+    """A single tensor, or a flat `{name: tensor}` mapping, from a tensor file.
+
+    Never unpickles arbitrary objects: numpy with `allow_pickle=False`, torch with
+    `weights_only=True`, safetensors has no code at all.
+    """
+    check_readable(path)
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        try:
+            return _from_numpy(np.load(path, allow_pickle=False), path)
+        except ValueError as exc:
+            raise ConvtoolError(f"cannot read {str(path)!r} as .npy: {exc}") from None
+    if suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                arrays = {k: _from_numpy(archive[k], path, k) for k in archive.files}
+        except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+            raise ConvtoolError(f"cannot read {str(path)!r} as .npz: {exc}") from None
+        if not arrays:
+            raise ConvtoolError(f"{str(path)!r} holds no arrays")
+        return arrays
+    if suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return unwrap_state_dict(load_file(str(path)), path)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ConvtoolError(f"cannot read {str(path)!r} as .safetensors: {exc}") from None
+    if suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        obj = _torch_load(path)
+        if isinstance(obj, Tensor):
+            if obj.is_sparse or obj.layout != torch.strided:
+                raise ConvtoolError(f"{str(path)!r} holds a sparse tensor; give a dense kernel")
+            return obj
+        return unwrap_state_dict(obj, path)
+    raise ConvtoolError(
+        f"cannot tell the format of {str(path)!r} from its extension; use one of "
+        f"{', '.join(TENSOR_SUFFIXES)}"
+    )

@@ -1,0 +1,1 @@
+"""Rich tables and JSON from result objects. No computation happens here."""
