@@ -313,8 +313,12 @@ class ConvSpec:
                 f"{self.ndim + 1} numbers, got {_shape_str(shape)}"
             )
         if shape[0] != self.in_channels:
+            why = ""
+            if self.groups > 1:
+                per_group = self.in_channels // self.groups
+                why = f" ({per_group} per group x groups={self.groups})"
             raise ConvtoolError(
-                f"{self.kind} expects {self.in_channels} input channels but the input shape "
+                f"{self.kind} expects {self.in_channels} input channels{why} but the input shape "
                 f"{_shape_str(shape)} has {shape[0]}"
             )
         if any(s <= 0 for s in shape[1:]):

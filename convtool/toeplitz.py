@@ -266,6 +266,8 @@ def _dense(spec: ConvSpec, weight: Tensor, input_shape: Sequence[int]) -> Tensor
     # A view (group, out channel in group, template offset) of the matrix: every element written
     # is a real entry of the matrix, so the view stays inside its storage.
     offsets = tpl.rows * sr + tpl.cols * sc
+    if offsets.numel() == 0:  # every tap reads padding: T is all zeros
+        return out
     view = torch.as_strided(
         out,
         (groups, cout_g, int(offsets.max()) + 1),
@@ -284,7 +286,9 @@ def _sparse(
     rows, cols, vals = coo_entries(spec, weight, input_shape)
     size = matrix_shape(spec, input_shape)
     if spec.transposed:
-        t = torch.sparse_coo_tensor(torch.stack([cols, rows]), vals, size).coalesce()
+        t = torch.sparse_coo_tensor(
+            torch.stack([cols, rows]), vals, size, check_invariants=False
+        ).coalesce()
         return t.to_sparse_csr() if layout == "csr" else t
     if layout == "csr":
         _, tpl = template(spec, input_shape)

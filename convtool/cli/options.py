@@ -112,8 +112,8 @@ _INT = re.compile(r"[+-]?\d+")
 
 
 def parse_ints(text: str, option: str) -> tuple[int, ...]:
-    """'3,7,9' (also '(3, 7, 9)' or '3x7x9') -> (3, 7, 9)."""
-    parts = [p for p in re.split(r"[,\sx×]+", text.strip().strip("()[]").strip()) if p]
+    """'3,7,9' (also '(3, 7, 9)' or '3 7 9') -> (3, 7, 9)."""
+    parts = [p for p in re.split(r"[,\s]+", text.strip().strip("()[]").strip()) if p]
     if not parts or not all(_INT.fullmatch(p) for p in parts):
         raise ConvtoolError(f"{option} must be comma-separated integers like 3,32,32, got {text!r}")
     return tuple(int(p) for p in parts)
