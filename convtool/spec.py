@@ -190,14 +190,13 @@ class ConvSpec:
     @classmethod
     def from_module(cls, module: nn.Module) -> ConvSpec:
         """Read the spec of an `nn.Conv*d` / `nn.ConvTranspose*d` module."""
-        for conv_type, (ndim, transposed) in _CONV_TYPES.items():
-            if isinstance(module, conv_type):
-                break
-        else:
+        kind = next((v for t, v in _CONV_TYPES.items() if isinstance(module, t)), None)
+        if kind is None:
             raise ConvtoolError(
                 f"expected an nn.Conv1d/2d/3d or nn.ConvTranspose1d/2d/3d, got "
                 f"{type(module).__name__}"
             )
+        ndim, transposed = kind
         m: Any = module
         return cls.create(
             ndim=ndim,
@@ -302,7 +301,9 @@ class ConvSpec:
         try:
             shape = tuple(int(s) for s in input_shape)
         except (TypeError, ValueError):
-            raise ConvtoolError(f"input shape must be a sequence of ints, got {input_shape!r}")
+            raise ConvtoolError(
+                f"input shape must be a sequence of ints, got {input_shape!r}"
+            ) from None
         if len(shape) == self.ndim + 2:
             if shape[0] <= 0:
                 raise ConvtoolError(f"batch size must be positive, got {_shape_str(shape)}")

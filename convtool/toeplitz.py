@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -229,12 +230,14 @@ def coo_entries(
     weight: Tensor,
     input_shape: Sequence[int],
     out_channels: slice | None = None,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """`(rows, cols, values)` of the forward-conv matrix, sorted by (row, col), no duplicates.
 
     For a transposed conv these are the entries of the *forward* conv whose transpose is `T`
     (swap rows and cols). `out_channels` restricts to a range of forward output channels (the
-    rows of that range), which is how large matrices are streamed in blocks.
+    rows of that range), which is how large matrices are streamed in blocks. `out`, a `(2, nnz)`
+    int64 tensor, receives rows and cols without an extra copy (COO indices).
     """
     weight = _check_weight(spec, weight)
     fwd, tpl = template(spec, input_shape)
@@ -245,17 +248,30 @@ def coo_entries(
     p_out = math.prod(tpl.out_spatial)
     cin_g = fwd.in_channels // fwd.groups
     cout_g = fwd.out_channels // fwd.groups
-    rows = (channels * p_out + tpl.rows).reshape(-1)
-    cols = ((channels // cout_g) * (cin_g * p_in) + tpl.cols).reshape(-1)
+    if out is None:
+        out = torch.empty((2, (stop - start) * tpl.rows.numel()), dtype=torch.int64)
+    shape = (stop - start, tpl.rows.numel())
+    torch.add(channels * p_out, tpl.rows, out=out[0].view(shape))
+    torch.add((channels // cout_g) * (cin_g * p_in), tpl.cols, out=out[1].view(shape))
     vals = _values(fwd, tpl, weight, slice(start, stop)).reshape(-1)
-    return rows, cols, vals
+    return out[0], out[1], vals
+
+
+def _zeros(shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
+    """A zero matrix. Large ones come from calloc (numpy): the OS hands out zeroed pages on first
+    touch, so the scatter that follows is the only pass over memory instead of memset + scatter.
+    """
+    nbytes = shape[0] * shape[1] * torch.empty((), dtype=dtype).element_size()
+    if nbytes < (1 << 22):
+        return torch.zeros(shape, dtype=dtype)
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 def _dense(spec: ConvSpec, weight: Tensor, input_shape: Sequence[int]) -> Tensor:
     weight = _check_weight(spec, weight)
     fwd, tpl = template(spec, input_shape)
     m, n = matrix_shape(spec, input_shape)
-    out = weight.new_zeros((m, n))
+    out = _zeros((m, n), weight.dtype)
     target = out.t() if spec.transposed else out  # forward-conv (row, col) coordinates
     sr, sc = target.stride()
     p_in = math.prod(tpl.in_spatial)
@@ -283,24 +299,30 @@ def _sparse(
 ) -> Tensor:
     if layout not in ("coo", "csr"):
         raise ConvtoolError(f"sparse layout must be 'coo' or 'csr', got {layout!r}")
-    rows, cols, vals = coo_entries(spec, weight, input_shape)
     size = matrix_shape(spec, input_shape)
     if spec.transposed:
+        rows, cols, vals = coo_entries(spec, weight, input_shape)
         t = torch.sparse_coo_tensor(
             torch.stack([cols, rows]), vals, size, check_invariants=False
         ).coalesce()
         return t.to_sparse_csr() if layout == "csr" else t
     if layout == "csr":
-        _, tpl = template(spec, input_shape)
-        counts = tpl.row_counts.repeat(spec.out_channels)
+        weight = _check_weight(spec, weight)
+        fwd, tpl = template(spec, input_shape)
+        p_in = math.prod(tpl.in_spatial)
+        cin_g = fwd.in_channels // fwd.groups
+        cout_g = fwd.out_channels // fwd.groups
+        channels = torch.arange(fwd.out_channels, dtype=torch.int64)[:, None]
+        cols = ((channels // cout_g) * (cin_g * p_in) + tpl.cols).reshape(-1)
+        vals = _values(fwd, tpl, weight, slice(None)).reshape(-1)
         crow = torch.zeros(size[0] + 1, dtype=torch.int64)
-        torch.cumsum(counts, 0, out=crow[1:])
+        torch.cumsum(tpl.row_counts.repeat(fwd.out_channels), 0, out=crow[1:])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "CSR support is in beta": we only build and multiply
             return torch.sparse_csr_tensor(crow, cols, vals, size, check_invariants=False)
-    return torch.sparse_coo_tensor(
-        torch.stack([rows, cols]), vals, size, is_coalesced=True, check_invariants=False
-    )
+    indices = torch.empty((2, nnz(spec, input_shape)), dtype=torch.int64)
+    _, _, vals = coo_entries(spec, weight, input_shape, out=indices)
+    return torch.sparse_coo_tensor(indices, vals, size, is_coalesced=True, check_invariants=False)
 
 
 def toeplitz_from_weight(
@@ -400,8 +422,10 @@ def bias_vector_for(
 def bias_vector(layer: nn.Module, input_shape: Sequence[int]) -> Tensor:
     """`b` such that `layer(x).flatten() == toeplitz(layer, ...) @ x.flatten() + b`."""
     spec = ConvSpec.from_module(layer)
-    bias = getattr(layer, "bias", None)
-    return bias_vector_for(spec, bias, input_shape, layer.weight.dtype)
+    weight, bias = layer.weight, getattr(layer, "bias", None)
+    if not isinstance(weight, Tensor):
+        raise ConvtoolError(f"{type(layer).__name__} has no weight tensor")
+    return bias_vector_for(spec, bias, input_shape, weight.dtype)
 
 
 def _axis_pairs(n: int, m: int, k: int, s: int, d: int, lo: int, mode: str) -> int:

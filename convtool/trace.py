@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from convtool.errors import ConvtoolError
-from convtool.spec import is_conv
+from convtool.spec import ConvSpec, is_conv
 
 
 def conv_input_shapes(
@@ -42,7 +42,8 @@ def conv_input_shapes(
             if not args or not isinstance(args[0], torch.Tensor):
                 return
             t = args[0]
-            sample = tuple(t.shape[1:]) if t.dim() == module.weight.dim() else tuple(t.shape)  # type: ignore[union-attr]
+            batched = t.dim() == len(ConvSpec.from_module(module).weight_shape)
+            sample = tuple(t.shape[1:]) if batched else tuple(t.shape)
             previous = shapes.setdefault(name, sample)
             if previous != sample:
                 raise ConvtoolError(

@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from convtool.cli import app
-from convtool.cli import toeplitz_cmd
+from convtool.cli import app, toeplitz_cmd
 
 runner = CliRunner()
 
@@ -95,7 +94,9 @@ def test_npz_mtx_pt_safetensors(kernel, tmp_path: Path) -> None:  # type: ignore
         st = load_file(out)
         if sparse:
             t = torch.sparse_csr_tensor(
-                st["matrix.crow_indices"], st["matrix.col_indices"], st["matrix.values"],
+                st["matrix.crow_indices"],
+                st["matrix.col_indices"],
+                st["matrix.values"],
                 (6 * 4 * 8, 4 * 7 * 6),
             ).to_dense()
         else:
@@ -170,8 +171,16 @@ def test_huge_dense_is_refused_instantly(tmp_path: Path) -> None:
     assert r.exit_code == 2
     assert "needs" in r.stderr and "--sparse" in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.npy"]
-    r = run("toeplitz", tmp_path / "w.npy", "-i", "64,8192,8192", "--padding", "1", "-o",
-            tmp_path / "T.pt")
+    r = run(
+        "toeplitz",
+        tmp_path / "w.npy",
+        "-i",
+        "64,8192,8192",
+        "--padding",
+        "1",
+        "-o",
+        tmp_path / "T.pt",
+    )
     assert r.exit_code == 2 and "--sparse" in r.stderr
 
 
@@ -244,29 +253,42 @@ def test_nonfinite_weights_refused_unless_allowed(tmp_path: Path) -> None:
     np.save(tmp_path / "w.npy", w)
     r = run("toeplitz", tmp_path / "w.npy", "-i", "1,5")
     assert r.exit_code == 2 and "NaN/inf" in r.stderr and "--allow-nonfinite" in r.stderr
-    r = run("toeplitz", tmp_path / "w.npy", "-i", "1,5", "--allow-nonfinite", "-o",
-            tmp_path / "T.npy")
+    r = run(
+        "toeplitz", tmp_path / "w.npy", "-i", "1,5", "--allow-nonfinite", "-o", tmp_path / "T.npy"
+    )
     assert r.exit_code == 0
     assert np.isnan(np.load(tmp_path / "T.npy")).sum() == 3
 
 
 def test_kernel_inside_a_state_dict(tmp_path: Path) -> None:
     conv = torch.nn.Conv1d(2, 3, 3, bias=True)
-    torch.save({"state_dict": {"module.enc.weight": conv.weight, "module.enc.bias": conv.bias,
-                               "module.fc.weight": torch.zeros(3, 3)}}, tmp_path / "ck.pt")
+    torch.save(
+        {
+            "state_dict": {
+                "module.enc.weight": conv.weight,
+                "module.enc.bias": conv.bias,
+                "module.fc.weight": torch.zeros(3, 3),
+            }
+        },
+        tmp_path / "ck.pt",
+    )
     r = run("toeplitz", tmp_path / "ck.pt", "-i", "2,8", "-o", tmp_path / "T.pt")
     assert r.exit_code == 0, r.stderr
     saved = torch.load(tmp_path / "T.pt", weights_only=True)
     x = torch.randn(2, 8)
-    torch.testing.assert_close(saved["matrix"] @ x.flatten() + saved["bias"],
-                               conv(x[None]).detach().flatten())
+    torch.testing.assert_close(
+        saved["matrix"] @ x.flatten() + saved["bias"], conv(x[None]).detach().flatten()
+    )
 
 
 def test_version_and_no_ui_imports_in_core() -> None:
-    out = subprocess.run([sys.executable, "-m", "convtool", "--version"], capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "convtool", "--version"], capture_output=True, text=True, check=True
+    )
     assert out.stdout.startswith("convtool ")
-    code = ("import sys, convtool, convtool.toeplitz, convtool.spec; "
-            "print(any(m in sys.modules for m in ('typer', 'rich')))")
+    code = (
+        "import sys, convtool, convtool.toeplitz, convtool.spec; "
+        "print(any(m in sys.modules for m in ('typer', 'rich')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

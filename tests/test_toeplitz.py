@@ -41,7 +41,9 @@ def assert_exact(layer: nn.Module, shape: tuple[int, ...]) -> None:
         assert ts.values().numel() == structural_nnz(ConvSpec.from_module(layer), shape)
     x = torch.randn(shape)
     y = layer(x[None]).detach().flatten()
-    torch.testing.assert_close(t @ x.flatten() + bias_vector(layer, shape), y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        t @ x.flatten() + bias_vector(layer, shape), y, rtol=1e-12, atol=1e-12
+    )
 
 
 MODES = ("zeros", "reflect", "replicate", "circular")
@@ -163,7 +165,7 @@ def test_property_matches_jacobian(ndim: int, transposed: bool, data: st.DataObj
     if transposed:
         padding: object = tuple(data.draw(st.integers(0, 2)) for _ in range(ndim))
         out_pad = tuple(
-            data.draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation)
+            data.draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation, strict=True)
         )
         layer: nn.Module = CONV_T[ndim](
             cin, cout, kernel, stride, padding, out_pad, groups, bias, dilation
@@ -225,7 +227,7 @@ def test_bad_hyperparameters() -> None:
         ConvSpec.create(2, 3, 3, 3, transposed=True, output_padding=1)
     with pytest.raises(ConvtoolError, match="3, 4 or 5 dims"):
         toeplitz_from_weight(torch.zeros(3, 3), (3, 5))
-    with pytest.raises(ConvtoolError, match="expected an nn.Conv"):
+    with pytest.raises(ConvtoolError, match="expected an nn"):
         toeplitz(nn.Linear(3, 3), (3,))
 
 

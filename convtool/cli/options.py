@@ -50,12 +50,14 @@ MaxMemoryOpt = Annotated[
     ),
 ]
 StrideOpt = Annotated[
-    str, typer.Option("--stride", help="int or comma-separated per dim.", rich_help_panel=KERNEL_PANEL)
+    str,
+    typer.Option("--stride", help="int or comma-separated per dim.", rich_help_panel=KERNEL_PANEL),
 ]
 PaddingOpt = Annotated[
     str,
     typer.Option(
-        "--padding", help="int, comma-separated per dim, 'same' or 'valid'.",
+        "--padding",
+        help="int, comma-separated per dim, 'same' or 'valid'.",
         rich_help_panel=KERNEL_PANEL,
     ),
 ]
@@ -66,14 +68,16 @@ GroupsOpt = Annotated[int, typer.Option("--groups", rich_help_panel=KERNEL_PANEL
 PaddingModeOpt = Annotated[
     str,
     typer.Option(
-        "--padding-mode", help="zeros, reflect, replicate or circular.",
+        "--padding-mode",
+        help="zeros, reflect, replicate or circular.",
         rich_help_panel=KERNEL_PANEL,
     ),
 ]
 TransposedOpt = Annotated[
     bool,
     typer.Option(
-        "--transposed", help="The kernel is a ConvTranspose weight (C_in, C_out/groups, *k).",
+        "--transposed",
+        help="The kernel is a ConvTranspose weight (C_in, C_out/groups, *k).",
         rich_help_panel=KERNEL_PANEL,
     ),
 ]
@@ -95,8 +99,11 @@ ModelOpt = Annotated[
 ]
 ModelKwargsOpt = Annotated[
     str | None,
-    typer.Option("--model-kwargs", help="JSON object of keyword arguments for --model.",
-                 rich_help_panel=MODEL_PANEL),
+    typer.Option(
+        "--model-kwargs",
+        help="JSON object of keyword arguments for --model.",
+        rich_help_panel=MODEL_PANEL,
+    ),
 ]
 AllowPickleOpt = Annotated[
     bool,
@@ -143,8 +150,10 @@ def conv_flags(
 ) -> ConvFlags:
     """ConvFlags from the raw option strings (validated later against the kernel by ConvSpec)."""
     pad: int | tuple[int, ...] | str
-    pad = padding.strip().lower() if padding.strip().lower() in ("same", "valid") else (
-        _per_dim(padding, "--padding")
+    pad = (
+        padding.strip().lower()
+        if padding.strip().lower() in ("same", "valid")
+        else (_per_dim(padding, "--padding"))
     )
     return ConvFlags(
         stride=_per_dim(stride, "--stride"),

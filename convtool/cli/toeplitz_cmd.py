@@ -33,8 +33,10 @@ def toeplitz_command(
     output: Annotated[
         Path | None,
         typer.Option(
-            "--output", "-o", help="Output file; format by extension: .npy (dense, streamed), "
-            ".npz (SciPy CSR), .mtx, .pt, .safetensors. Omit to only print the summary."
+            "--output",
+            "-o",
+            help="Output file; format by extension: .npy (dense, streamed), "
+            ".npz (SciPy CSR), .mtx, .pt, .safetensors. Omit to only print the summary.",
         ),
     ] = None,
     sparse: Annotated[
@@ -116,9 +118,7 @@ def _write(
     dtype = conv.weight.dtype
     rows, cols = info.shape
     what = f"a dense {rows} x {cols} {info.dtype} matrix"
-    bias = (
-        bias_vector_for(conv.spec, conv.bias, shape, dtype) if conv.bias is not None else None
-    )
+    bias = bias_vector_for(conv.spec, conv.bias, shape, dtype) if conv.bias is not None else None
     if fmt == "dense" and suffix == ".npy":
         check_disk(output, info.dense_bytes, what, "use --sparse with .npz or .mtx")
         row_bytes = cols * info.itemsize
@@ -134,16 +134,28 @@ def _write(
                 np.save(temps[1], bias.numpy())
         return
     if fmt == "dense":
-        check_memory(info.dense_bytes, what, f"write {output.stem}.npy (streamed) or use --sparse",
-                     memory_limit)
+        check_memory(
+            info.dense_bytes,
+            what,
+            f"write {output.stem}.npy (streamed) or use --sparse",
+            memory_limit,
+        )
         check_disk(output, info.dense_bytes, what, "use --sparse")
     else:
         # indices + values while building, plus one copy while converting/saving
         need = 2 * info.nnz * (16 + info.itemsize) + 8 * (rows + 1)
-        check_memory(need, f"a sparse matrix with {info.nnz} nonzeros", "use a smaller input "
-                     "shape", memory_limit)
-        check_disk(output, info.csr_bytes, f"a sparse matrix with {info.nnz} nonzeros",
-                   "use a smaller input shape")
+        check_memory(
+            need,
+            f"a sparse matrix with {info.nnz} nonzeros",
+            "use a smaller input shape",
+            memory_limit,
+        )
+        check_disk(
+            output,
+            info.csr_bytes,
+            f"a sparse matrix with {info.nnz} nonzeros",
+            "use a smaller input shape",
+        )
     t = matrix(conv.spec, conv.weight, shape, sparse=fmt == "sparse", layout="csr")
     meta = {
         "layer": conv.name,

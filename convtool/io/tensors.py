@@ -1,8 +1,15 @@
-"""Read the tensors in a file without running code: .npy, .npz, .pt/.pth, .safetensors."""
+"""Read the tensors in a file without running code: .npy, .npz, .pt/.pth, .safetensors.
+
+The one exception is :func:`torch_load` with `allow_pickle=True`, the user's explicit opt-in
+(--allow-pickle) for files that hold pickled modules.
+"""
 
 from __future__ import annotations
 
+import os
 import pickle
+import re
+import sys
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -43,22 +50,64 @@ def _from_numpy(array: np.ndarray, path: Path, key: str | None = None) -> Tensor
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
-def _torch_load(path: Path) -> Any:
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def pickled_global(exc: BaseException) -> str | None:
+    """The Python object a refused `weights_only` load wanted to import, e.g. 'posix.system'."""
+    match = _GLOBAL.search(str(exc))
+    return match.group(1) if match else None
+
+
+def refuse_pickle(path: Path, exc: BaseException) -> ConvtoolError:
+    """The one-line refusal for a file that holds pickled Python objects (never unpickled)."""
+    needs = pickled_global(exc)
+    what = f" (it imports {needs})" if needs else ""
+    return ConvtoolError(
+        f"{str(path)!r} holds a pickled Python object{what}; unpickling it can run arbitrary "
+        f"code, so convtool did not load it. If you trust the file, pass --allow-pickle; better, "
+        f"re-save it with torch.save(model.state_dict(), ...) and pass --model MODULE:CALLABLE"
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def torch_load(path: Path, *, allow_pickle: bool = False) -> Any:
+    """`torch.load` on CPU; `weights_only=True` unless the user opted in with --allow-pickle.
+
+    With `allow_pickle`, the safe load is still tried first, so only files that need it are
+    unpickled in full.
+    """
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
     except pickle.UnpicklingError as exc:
         # weights_only refused a global: the file wants to run code to load.
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported object"
-        raise ConvtoolError(
-            f"{str(path)!r} is not a plain tensor or state_dict file (loading it would run code: "
-            f"{first[:160]}); re-save it with torch.save(model.state_dict(), ...)"
-        ) from None
+        if not allow_pickle:
+            raise refuse_pickle(path, exc) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise _unreadable(path, exc) from None
+    cwd = os.getcwd()
+    if cwd not in sys.path:  # classes of a pickled model are importable like --model's
+        sys.path.insert(0, cwd)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (ImportError, AttributeError) as exc:
         raise ConvtoolError(
-            f"cannot read {str(path)!r} as a PyTorch file (truncated or not a torch.save "
-            f"file?): {reason[:200]}"
+            f"cannot unpickle {str(path)!r}: {_first_line(exc)[:200]}; the model's classes must "
+            f"be importable (run from the project folder or set PYTHONPATH)"
         ) from None
+    except Exception as exc:
+        raise _unreadable(path, exc) from None
+
+
+def _unreadable(path: Path, exc: BaseException) -> ConvtoolError:
+    return ConvtoolError(
+        f"cannot read {str(path)!r} as a PyTorch file (truncated or not a torch.save file?): "
+        f"{_first_line(exc)[:200]}"
+    )
 
 
 def unwrap_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
@@ -86,6 +135,15 @@ def _key_list(obj: Mapping[Any, Any], limit: int = 8) -> str:
     keys = [str(k) for k in obj]
     more = f", ... ({len(keys)} in all)" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
+
+
+def tensors_from_object(obj: Any, path: Path) -> Tensor | dict[str, Tensor]:
+    """A single dense tensor, or a flat `{name: tensor}`, from what `torch.load` returned."""
+    if isinstance(obj, Tensor):
+        if obj.is_sparse or obj.layout != torch.strided:
+            raise ConvtoolError(f"{str(path)!r} holds a sparse tensor; give a dense kernel")
+        return obj
+    return unwrap_state_dict(obj, path)
 
 
 def read_tensors(path: Path) -> Tensor | dict[str, Tensor]:
@@ -119,12 +177,7 @@ def read_tensors(path: Path) -> Tensor | dict[str, Tensor]:
         except (SafetensorError, OSError, ValueError) as exc:
             raise ConvtoolError(f"cannot read {str(path)!r} as .safetensors: {exc}") from None
     if suffix in (".pt", ".pth", ".bin", ".ckpt"):
-        obj = _torch_load(path)
-        if isinstance(obj, Tensor):
-            if obj.is_sparse or obj.layout != torch.strided:
-                raise ConvtoolError(f"{str(path)!r} holds a sparse tensor; give a dense kernel")
-            return obj
-        return unwrap_state_dict(obj, path)
+        return tensors_from_object(torch_load(path), path)
     raise ConvtoolError(
         f"cannot tell the format of {str(path)!r} from its extension; use one of "
         f"{', '.join(TENSOR_SUFFIXES)}"
