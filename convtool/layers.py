@@ -1,0 +1,498 @@
+"""Trainable layers for the LC and FC forms of a conv.
+
+* :class:`LocallyConnected1d` / :class:`LocallyConnected2d` / :class:`LocallyConnected3d`: a conv
+  without weight sharing. Each output position has its own kernel (and bias), read over the same
+  window of the (padded) input as the conv reads.
+* :class:`FullyConnected`: `y = T x + b` on one flattened sample, with `T` dense (trainable like
+  `nn.Linear`) or torch-sparse (a fixed buffer).
+
+How the LC layer is computed (numbers in ``benchmarks/layers.py``): the input is padded once
+with `F.pad` (in the padding mode), transposed to `(C_in, *spatial, N)` and cut into windows with
+chained `Tensor.unfold`, giving one `(C_in/g * K, N)` block per (position, group) in a single
+copy; one `torch.bmm` against the per-position kernels gives the output. The backward is written
+out (:class:`_LocallyConnectedFunction`): autograd's own would hand `bmm` gradients with no unit
+stride, which it multiplies one matrix at a time, and undo the windows with `unfold_backward`,
+making a training step about 2.5x slower than the explicit transposes and tap loop used here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from convtool.errors import ConvtoolError
+from convtool.spec import ConvSpec
+
+__all__ = [
+    "FullyConnected",
+    "LocallyConnected1d",
+    "LocallyConnected2d",
+    "LocallyConnected3d",
+]
+
+_SPARSE_LAYOUTS = (torch.sparse_coo, torch.sparse_csr)
+
+
+def _shape_str(shape: Sequence[int]) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")"
+
+
+def _size_tuple(value: Any, ndim: int, name: str) -> tuple[int, ...]:
+    """An int or a sequence of `ndim` positive ints, as a tuple."""
+    items = (value,) * ndim if isinstance(value, int) else value
+    if (
+        isinstance(value, bool)
+        or not isinstance(items, Sequence)
+        or isinstance(items, str)
+        or len(items) != ndim
+        or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in items)
+    ):
+        raise ConvtoolError(f"{name} must be a positive int or a tuple of {ndim}, got {value!r}")
+    return tuple(items)
+
+
+def _check_input(x: Tensor, sample: tuple[int, ...], dtype: torch.dtype, name: str) -> bool:
+    """Validate `x` against one sample's shape; returns True when it is batched."""
+    if not isinstance(x, Tensor):
+        raise ConvtoolError(f"{name} expects a tensor, got {type(x).__name__}")
+    batched = x.dim() == len(sample) + 1
+    if tuple(x.shape[int(batched) :]) != sample or x.dim() not in (len(sample), len(sample) + 1):
+        raise ConvtoolError(
+            f"{name} expects input (N, {_shape_str(sample)[1:-1]}) or {_shape_str(sample)}, "
+            f"got {_shape_str(x.shape)}"
+        )
+    if x.dtype != dtype:
+        raise ConvtoolError(
+            f"{name} has dtype {dtype} but the input is {x.dtype}; convert one with .to()"
+        )
+    return batched
+
+
+# ---------------------------------------------------------------------------------------------
+# Locally-connected
+
+
+def _transpose(t: Tensor, rows: int) -> Tensor:
+    """`t` read as a `(rows, -1)` matrix, transposed into a contiguous `(-1, rows)` one.
+
+    PyTorch copies a 2-d transpose tile by tile, several times faster than the general permutes
+    it replaces here (moving the batch dim to the end and back).
+    """
+    return t.reshape(rows, -1).t().contiguous()
+
+
+class _LocallyConnectedFunction(torch.autograd.Function):
+    """LC product on a padded input, with a hand-written backward.
+
+    Inputs: `xp (N, C_in, *padded)`, `weight (*out, C_out, C_in/g, *kernel)`, `bias
+    (C_out, *out)` or None, and the geometry `(kernel, stride, dilation, groups)`.
+    Output: `(N, C_out, *out)`, contiguous.
+
+    With `P` positions, `G` groups and `K` kernel taps: the input is transposed to
+    `(C_in, *padded, N)` and its windows copied once into `cols (P*G, C_in/g*K, N)` (moving runs
+    of `k*N` numbers); the forward and both gradients are then one batched matmul each over the
+    `P*G` blocks, and the input gradient is put back with one strided add per kernel tap.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        xp: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        kernel: tuple[int, ...],
+        stride: tuple[int, ...],
+        dilation: tuple[int, ...],
+        groups: int,
+    ) -> Tensor:
+        ndim = len(kernel)
+        n, c_in, padded = xp.shape[0], xp.shape[1], tuple(xp.shape[2:])
+        out_sp = tuple(weight.shape[:ndim])
+        c_out = weight.shape[ndim]
+        batch, cout_g = math.prod(out_sp) * groups, c_out // groups
+
+        win = _transpose(xp, n).view(c_in, *padded, n)
+        for axis in range(ndim):
+            win = win.unfold(axis + 1, dilation[axis] * (kernel[axis] - 1) + 1, stride[axis])
+        if any(d > 1 for d in dilation):
+            every: tuple[Any, ...] = (..., *(slice(None, None, d) for d in dilation))
+            win = win[every]
+        # (C_in, *out, N, *k) -> (*out, G, C_in/g, *k, N) -> (P*G, C_in/g*K, N): one copy.
+        win = win.unflatten(0, (groups, c_in // groups))
+        perm = (*range(2, ndim + 2), 0, 1, *range(ndim + 3, 2 * ndim + 3), ndim + 2)
+        cols = win.permute(perm).reshape(batch, -1, n)
+
+        mat = weight.reshape(batch, cout_g, -1)
+        rows = None if bias is None else bias.reshape(c_out, -1).t().reshape(batch, 1, cout_g)
+        if n == 1:
+            # Matrix-vector products: bmm's per-matrix overhead would dominate them; a
+            # broadcast multiply-sum streams the weights once.
+            y = (mat * cols.transpose(1, 2)).sum(2).unsqueeze(1)
+            y = y if rows is None else y + rows
+        elif rows is None:
+            y = torch.bmm(cols.transpose(1, 2), mat.transpose(1, 2))
+        else:
+            y = torch.baddbmm(rows, cols.transpose(1, 2), mat.transpose(1, 2))
+        # y: (P*G, N, C_out/g) -> (N, C_out, *out)
+        if groups == 1:
+            out = _transpose(y, batch).view(n, c_out, *out_sp)
+        else:
+            out = y.view(-1, groups, n, cout_g).permute(2, 1, 3, 0).contiguous()
+            out = out.view(n, c_out, *out_sp)
+
+        # The windows are only needed for the weight gradient.
+        ctx.save_for_backward(cols if ctx.needs_input_grad[1] else None, weight)
+        ctx.geometry = (padded, kernel, stride, dilation, groups, bias is not None)
+        return out
+
+    @staticmethod
+    @once_differentiable  # the saved windows carry no graph back to the input
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        cols, weight = ctx.saved_tensors
+        padded, kernel, stride, dilation, groups, has_bias = ctx.geometry
+        ndim = len(kernel)
+        n = grad.shape[0]
+        out_sp = tuple(weight.shape[:ndim])
+        c_out, cin_g = weight.shape[ndim], weight.shape[ndim + 1]
+        batch, cout_g = math.prod(out_sp) * groups, c_out // groups
+
+        # (N, C_out, *out) -> (P*G, N, C_out/g)
+        if groups == 1:
+            gy = _transpose(grad, n * c_out).view(batch, n, cout_g)
+        else:
+            gy = grad.reshape(n, groups, cout_g, -1).permute(3, 1, 0, 2).contiguous()
+            gy = gy.view(batch, n, cout_g)
+        mat = weight.reshape(batch, cout_g, -1)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[1]:
+            if n == 1:  # outer products
+                grad_w = gy.transpose(1, 2) * cols.transpose(1, 2)
+            else:
+                grad_w = torch.bmm(gy.transpose(1, 2), cols.transpose(1, 2))
+            grad_w = grad_w.view(weight.shape)
+        if has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum(0)
+        if ctx.needs_input_grad[0]:
+            if n == 1:  # (P*G, 1, K*C_in/g) is (P*G, K*C_in/g, 1); this product is faster
+                gcols = torch.bmm(gy, mat)
+            else:
+                gcols = torch.bmm(mat.transpose(1, 2), gy.transpose(1, 2))
+            gcols = gcols.view(*out_sp, groups, cin_g, *kernel, n)
+            gxs = grad.new_zeros(groups, cin_g, *padded, n)
+            # Undo the windows: one strided add per kernel tap (not per position).
+            to_dest = (ndim, ndim + 1, *range(ndim), ndim + 2)
+            for tap in itertools.product(*(range(k) for k in kernel)):
+                window: tuple[Any, ...] = tuple(
+                    slice(t * d, t * d + s * (o - 1) + 1, s)
+                    for t, d, s, o in zip(tap, dilation, stride, out_sp, strict=True)
+                )
+                taps: tuple[Any, ...] = (*(slice(None),) * (ndim + 2), *tap)
+                gxs[(slice(None), slice(None), *window)].add_(gcols[taps].permute(to_dest))
+            grad_x = _transpose(gxs, gxs.numel() // n).view(n, groups * cin_g, *padded)
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+class _LocallyConnectedNd(nn.Module):
+    """Shared implementation of :class:`LocallyConnected1d`, ``2d`` and ``3d``.
+
+    A locally-connected layer computes what a conv with the same hyperparameters computes, except
+    that every output position `o` has its own kernel `weight[o]` and its own bias `bias[:, o]`:
+    `y[n, co, o] = bias[co, o] + sum_{ci, k} weight[o, co, ci, k] * x_padded[n, g*C_in/g + ci,
+    o * stride + k * dilation]`, with `g` the group of `co` (`o` and `k` are multi-indices).
+
+    Args:
+        in_channels: `C_in`.
+        out_channels: `C_out`.
+        input_size: spatial input size, `(L,)`, `(H, W)` or `(D, H, W)` (an int broadcasts).
+            The layer only accepts inputs of this size.
+        kernel_size, stride, padding, dilation, groups, padding_mode: as in `nn.Conv*d`;
+            `padding` may be 'same' or 'valid'. Non-zero padding modes pad with `F.pad` in that
+            mode, as `nn.Conv*d` does.
+        bias: whether to learn a bias per output channel and position.
+        device, dtype: of the parameters.
+
+    Attributes:
+        weight: `(*out_spatial, C_out, C_in/groups, *kernel_size)`: `weight[o]` is the kernel
+            at output position `o`, laid out like a conv weight.
+        bias: `(C_out, *out_spatial)` or None.
+        spec: the :class:`~convtool.spec.ConvSpec` of the conv with the same hyperparameters.
+        input_size, output_size: spatial sizes in and out.
+
+    Shape:
+        Input `(N, C_in, *input_size)` or unbatched `(C_in, *input_size)`;
+        output `(N, C_out, *output_size)` or `(C_out, *output_size)`.
+
+    Raises:
+        ConvtoolError: for invalid hyperparameters, or an input of the wrong shape or dtype.
+    """
+
+    _ndim: ClassVar[int]
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        input_size: int | Sequence[int],
+        kernel_size: int | Sequence[int],
+        stride: int | Sequence[int] = 1,
+        padding: int | Sequence[int] | str = 0,
+        dilation: int | Sequence[int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        spec = ConvSpec.create(
+            self._ndim,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            padding_mode=padding_mode,
+            bias=bias,
+        )
+        self.spec = spec
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride, self.dilation = spec.kernel_size, spec.stride, spec.dilation
+        self.padding, self.padding_mode = spec.padding, padding_mode
+        self.input_size = _size_tuple(input_size, self._ndim, "input_size")
+        self.output_size = spec.output_shape((in_channels, *self.input_size))[1:]
+        # F.pad wants (last-dim before, last-dim after, previous dim ...).
+        self._pad = tuple(p for pair in reversed(spec.pad_pairs) for p in pair)
+
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(
+            torch.empty(
+                *self.output_size,
+                out_channels,
+                in_channels // groups,
+                *spec.kernel_size,
+                **factory,
+            )
+        )
+        self.bias: nn.Parameter | None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels, *self.output_size, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """`nn.Conv*d`'s init per position: kaiming-uniform(a=sqrt(5)), i.e. U(+-1/sqrt(fan_in))."""
+        bound = 1.0 / math.sqrt((self.in_channels // self.groups) * self.spec.kernel_numel)
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """`(N, C_in, *input_size)` or `(C_in, *input_size)` -> `(N, C_out, *output_size)`."""
+        sample = (self.in_channels, *self.input_size)
+        batched = _check_input(x, sample, self.weight.dtype, type(self).__name__)
+        if not batched:
+            x = x.unsqueeze(0)
+        if any(self._pad):
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x = F.pad(x, self._pad, mode=mode)
+        out = _LocallyConnectedFunction.apply(
+            x, self.weight, self.bias, self.kernel_size, self.stride, self.dilation, self.groups
+        )
+        return out if batched else out.squeeze(0)
+
+    # ------------------------------------------------------------------ weight views
+    def kernels(self) -> Tensor:
+        """Per-position kernels `(*output_size, C_out, C_in/groups, *kernel)`: :attr:`weight`.
+
+        Kept as a method so code does not depend on how the weight is stored.
+        """
+        return self.weight
+
+    def shared_kernel(self) -> Tensor:
+        """The mean kernel over positions, shaped like a conv weight `(C_out, C_in/g, *kernel)`."""
+        return self.kernels().mean(dim=tuple(range(self._ndim)))
+
+    @torch.no_grad()
+    def sharing_distance(self) -> float:
+        """How far the per-position kernels are from sharing one kernel.
+
+        `||W - W_mean||_F / ||W_mean||_F` with both sides over all positions (`W_mean` repeated):
+        0 for a layer from :func:`~convtool.convert.to_locally_connected`, about 1 when the
+        per-position differences are as large as the shared part (inf if the mean is zero but
+        the kernels are not). Biases are not included.
+        """
+        mean = self.weight.mean(dim=tuple(range(self._ndim)))
+        spread = torch.linalg.vector_norm(self.weight - mean).item()
+        scale = torch.linalg.vector_norm(mean).item() * math.sqrt(math.prod(self.output_size))
+        if spread == 0.0:
+            return 0.0
+        return spread / scale if scale > 0.0 else math.inf
+
+    @torch.no_grad()
+    def to_conv(self) -> nn.Module:
+        """Project onto weight sharing: an `nn.Conv*d` with the mean kernel and mean bias.
+
+        Exact inverse of :func:`~convtool.convert.to_locally_connected` when the kernels are
+        still shared (the mean of equal kernels is that kernel).
+        """
+        conv_type: Any = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[self._ndim - 1]
+        conv = conv_type(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            bias=self.bias is not None,
+            padding_mode=self.padding_mode,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
+        conv.weight.copy_(self.shared_kernel())
+        if self.bias is not None and conv.bias is not None:
+            conv.bias.copy_(self.bias.mean(dim=tuple(range(1, self._ndim + 1))))
+        return conv
+
+    def extra_repr(self) -> str:
+        parts = [
+            f"{self.in_channels}, {self.out_channels}",
+            f"input_size={self.input_size}",
+            f"output_size={self.output_size}",
+            f"kernel_size={self.kernel_size}",
+            f"stride={self.stride}",
+        ]
+        if self.padding != (0,) * self._ndim:
+            parts.append(f"padding={self.padding!r}")
+        if self.dilation != (1,) * self._ndim:
+            parts.append(f"dilation={self.dilation}")
+        if self.groups != 1:
+            parts.append(f"groups={self.groups}")
+        if self.bias is None:
+            parts.append("bias=False")
+        if self.padding_mode != "zeros":
+            parts.append(f"padding_mode={self.padding_mode!r}")
+        return ", ".join(parts)
+
+
+class LocallyConnected1d(_LocallyConnectedNd):
+    """1-d locally-connected layer: input `(N, C_in, L)`; see :class:`_LocallyConnectedNd`."""
+
+    _ndim = 1
+
+
+class LocallyConnected2d(_LocallyConnectedNd):
+    """2-d locally-connected layer: input `(N, C_in, H, W)`; see :class:`_LocallyConnectedNd`."""
+
+    _ndim = 2
+
+
+class LocallyConnected3d(_LocallyConnectedNd):
+    """3-d locally-connected layer: input `(N, C_in, D, H, W)`; see :class:`_LocallyConnectedNd`."""
+
+    _ndim = 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Fully-connected
+
+
+class FullyConnected(nn.Module):
+    """`y = T x + b` on one flattened sample, reshaped back: a conv as a matrix.
+
+    Dense `T` is an `nn.Parameter` `weight` of shape `(out_features, in_features)` with an
+    `nn.Parameter` `bias` `(out_features,)`, trainable like `nn.Linear`. Sparse `T` (torch COO or
+    CSR) is a *buffer* `weight`: its pattern and values are fixed, gradients flow to the input
+    and the bias only (train the dense form, or an LC layer, to learn `T`). CSR multiplies much
+    faster than COO on CPU. A `state_dict` loads into a module built with the same arguments.
+    `torch.export.export` handles both forms; `torch.export.save` cannot serialise the sparse
+    buffer (PyTorch 2.13), so a sparse layer must be swapped for a dense-index equivalent first.
+
+    Args:
+        in_shape: one input sample, e.g. `(C_in, H, W)`; `in_features = prod(in_shape)`.
+        out_shape: one output sample, e.g. `(C_out, H_out, W_out)`.
+        matrix: `T`, `(out_features, in_features)`, dense or torch sparse (COO or CSR). It is
+            copied (COO is coalesced).
+        bias: `(out_features,)` or None for no bias.
+
+    Shape:
+        Input `(N, *in_shape)` or `in_shape`; output `(N, *out_shape)` or `out_shape`.
+
+    Raises:
+        ConvtoolError: if the shapes do not match, or for an input of the wrong shape or dtype.
+    """
+
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        out_shape: Sequence[int],
+        matrix: Tensor,
+        bias: Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_shape = tuple(int(s) for s in in_shape)
+        self.out_shape = tuple(int(s) for s in out_shape)
+        self.in_features, self.out_features = math.prod(self.in_shape), math.prod(self.out_shape)
+        if tuple(matrix.shape) != (self.out_features, self.in_features):
+            raise ConvtoolError(
+                f"matrix has shape {_shape_str(matrix.shape)} but in_shape "
+                f"{_shape_str(self.in_shape)} and out_shape {_shape_str(self.out_shape)} need "
+                f"({self.out_features}, {self.in_features})"
+            )
+        if not matrix.is_floating_point():
+            raise ConvtoolError(f"matrix must be floating point, got dtype {matrix.dtype}")
+        self.sparse = matrix.layout in _SPARSE_LAYOUTS
+        if not self.sparse and matrix.layout != torch.strided:
+            raise ConvtoolError(
+                f"matrix layout must be strided, sparse_coo or sparse_csr, got {matrix.layout}"
+            )
+        self.weight: Tensor
+        if self.sparse:
+            t = matrix.detach()
+            t = t.coalesce() if t.layout == torch.sparse_coo else t.clone()
+            self.register_buffer("weight", t)
+        else:
+            self.weight = nn.Parameter(matrix.detach().clone())
+        self.bias: nn.Parameter | None
+        if bias is None:
+            self.register_parameter("bias", None)
+        else:
+            if tuple(bias.shape) != (self.out_features,):
+                raise ConvtoolError(
+                    f"bias has shape {_shape_str(bias.shape)}, expected ({self.out_features},)"
+                )
+            self.bias = nn.Parameter(bias.detach().to(matrix.dtype).clone())
+
+    @property
+    def layout(self) -> str:
+        """'dense', 'coo' or 'csr'."""
+        return {torch.sparse_coo: "coo", torch.sparse_csr: "csr"}.get(self.weight.layout, "dense")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """`(N, *in_shape)` or `in_shape` -> `(N, *out_shape)` or `out_shape`."""
+        batched = _check_input(x, self.in_shape, self.weight.dtype, "FullyConnected")
+        flat = x.reshape(-1, self.in_features)
+        if self.sparse:
+            # (out, in) @ (in, N); the transposed operand is what the sparse kernels prefer.
+            y = torch.sparse.mm(self.weight, flat.t()).t()
+            if self.bias is not None:
+                y = y + self.bias
+        else:
+            y = F.linear(flat, self.weight, self.bias)
+        return y.reshape(-1, *self.out_shape) if batched else y.reshape(self.out_shape)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_shape={self.in_shape}, out_shape={self.out_shape}, layout={self.layout!r}, "
+            f"bias={self.bias is not None}"
+        )
