@@ -1,7 +1,9 @@
 """What a SOURCE argument names: one or more conv layers with their weights.
 
-A source is a raw kernel file plus conv flags, or a checkpoint (state_dict + architecture,
-TorchScript archive, torch.export program). Every subcommand goes through :func:`load_source`.
+A source is a raw kernel file plus conv flags, or a checkpoint: a state_dict (.pt/.pth/
+.safetensors) with `--model MODULE:CALLABLE`, a TorchScript archive, a torch.export program
+(.pt2), or a pickled module (only with `--allow-pickle`). Every subcommand goes through
+:func:`load_source`; the checkpoint loaders live in :mod:`convtool.io.checkpoints`.
 """
 
 from __future__ import annotations
@@ -9,12 +11,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from convtool.errors import ConvtoolError
-from convtool.io.tensors import read_tensors
+from convtool.io.tensors import check_readable, read_tensors, tensors_from_object
 from convtool.spec import ConvSpec
 
 
@@ -66,13 +69,35 @@ class ConvLayer:
 
 @dataclass
 class Source:
-    """A loaded SOURCE: its conv layers and, for checkpoints, the model they belong to."""
+    """A loaded SOURCE: its conv layers and, for checkpoints, the model they belong to.
+
+    Attributes:
+        path: the file.
+        kind: 'kernel', 'state_dict', 'pickle', 'torchscript' or 'export'.
+        layers: its conv layers; for models, named by module path.
+        model: the runnable model (None for a kernel): eager for state_dict/pickle, the
+            ScriptModule for TorchScript, a GraphModule mirror with real conv modules for export.
+        notes: things the user should know (conv calls that are not layers, ...).
+        program: the ExportedProgram of an export source.
+        example_shape: the input shape the program was exported with (export only).
+        traced_shape: the full example input shape `layers[*].input_shape` were recorded for.
+        capture: the :class:`convtool.models.Capture` of that run, when the model was run.
+    """
 
     path: Path
     kind: str
     layers: list[ConvLayer]
     model: nn.Module | None = None
     notes: list[str] = field(default_factory=list)
+    program: Any = None
+    example_shape: tuple[int, ...] | None = None
+    traced_shape: tuple[int, ...] | None = None
+    capture: Any = None
+
+    @property
+    def is_model(self) -> bool:
+        """True for checkpoints (a model runs); False for a raw kernel file."""
+        return self.kind != "kernel"
 
     def select(self, name: str | None) -> ConvLayer:
         """The one layer a single-layer command works on: `--layer NAME`, or the only one."""
@@ -140,9 +165,16 @@ def _kernel_entries(
     )
 
 
-def load_kernel(path: Path, options: SourceOptions) -> Source:
-    """A source of one conv layer: a raw kernel (or one state_dict entry) plus `options.flags`."""
-    name, weight, bias = _kernel_entries(read_tensors(path), path, options.layer)
+def load_kernel(
+    path: Path, options: SourceOptions, contents: Tensor | dict[str, Tensor] | None = None
+) -> Source:
+    """A source of one conv layer: a raw kernel (or one state_dict entry) plus `options.flags`.
+
+    `contents` is the file's tensors when the caller has read them already.
+    """
+    if contents is None:
+        contents = read_tensors(path)
+    name, weight, bias = _kernel_entries(contents, path, options.layer)
     if options.bias is not None:
         extra = read_tensors(options.bias)
         if isinstance(extra, dict):
@@ -179,8 +211,52 @@ def load_kernel(path: Path, options: SourceOptions) -> Source:
 
 
 def load_source(path: Path, options: SourceOptions) -> Source:
-    """Load whatever SOURCE names (see module docstring)."""
+    """Load whatever SOURCE names (see module docstring).
+
+    The format comes from the extension and the archive's content: `.pt2` is a torch.export
+    program; a zip with TorchScript code is a TorchScript archive; with `--model` the file is a
+    state_dict for that architecture; a file holding a pickled module is loaded only with
+    `--allow-pickle`; anything else is a kernel file.
+    """
+    from convtool.io import checkpoints as ck
+
+    check_readable(path)
+    if options.model_kwargs is not None and options.model is None:
+        raise ConvtoolError("--model-kwargs goes with --model MODULE:CALLABLE; give both")
+    fmt = ck.detect_format(path)
+    if fmt in ("export", "torchscript") and options.model is not None:
+        what = "torch.export program" if fmt == "export" else "TorchScript archive"
+        raise ConvtoolError(
+            f"{str(path)!r} is a {what}, which holds its own architecture; drop --model "
+            f"{options.model!r}"
+        )
+    if fmt == "export":
+        return _checked(ck.load_export(path), options)
+    if fmt == "torchscript":
+        return _checked(ck.load_torchscript(path), options)
+    if options.model is not None:
+        return _checked(ck.load_state_dict_source(path, options, fmt), options)
+    if fmt == "torch":
+        loaded = ck.load_torch_file(path, options)
+        if isinstance(loaded, Source):
+            return _checked(loaded, options)
+        return load_kernel(path, options, tensors_from_object(loaded, path))
     return load_kernel(path, options)
+
+
+def _checked(source: Source, options: SourceOptions) -> Source:
+    """A model source: refuse kernel-only options, and a model without conv layers."""
+    if options.bias is not None:
+        raise ConvtoolError(
+            f"--bias applies to raw kernel files; {str(source.path)!r} is a {source.kind} "
+            f"checkpoint that holds its own biases"
+        )
+    if options.layer is not None:
+        source.select(options.layer)  # fail early, listing the names
+    if not source.layers:
+        extra = f" ({'; '.join(source.notes)})" if source.notes else ""
+        raise ConvtoolError(f"{str(source.path)!r} has no conv layers{extra}")
+    return source
 
 
 def check_finite(layer: ConvLayer) -> None:

@@ -87,7 +87,7 @@ def torch_load(path: Path, *, allow_pickle: bool = False) -> Any:
         # weights_only refused a global: the file wants to run code to load.
         if not allow_pickle:
             raise refuse_pickle(path, exc) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except Exception as exc:  # whatever a damaged file makes the unpickler raise
         raise _unreadable(path, exc) from None
     cwd = os.getcwd()
     if cwd not in sys.path:  # classes of a pickled model are importable like --model's

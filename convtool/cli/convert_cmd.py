@@ -1,0 +1,217 @@
+"""`convtool convert`: replace a model's convs by their LC or FC forms and write the result."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from convtool.cli import options as opt
+from convtool.cli.app import app
+from convtool.cli.progress import progress
+from convtool.errors import ConvtoolError
+from convtool.io import model_files as mfiles
+from convtool.io.checkpoints import build_conv
+from convtool.io.source import Source, check_finite, load_source
+from convtool.io.writers import atomic_outputs, check_target
+from convtool.models import convert_with_report, export_converted, stored_size
+from convtool.render.common import emit_json
+from convtool.render.convert import render_convert
+from convtool.resources import check_disk
+
+ToOpt = Annotated[
+    str,
+    typer.Option(
+        "--to",
+        help="lc: locally connected (one kernel copy per output position); fc: fully "
+        "connected (the exact matrix T).",
+        show_default=False,
+    ),
+]
+SparseOpt = Annotated[
+    bool, typer.Option("--sparse", help="With --to fc: keep each matrix sparse (CSR/COO).")
+]
+LayersOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--layers",
+        help="Which convs to convert: names or globs, comma-separated, e.g. 'features.*' or "
+        "'conv1,conv2' (default: all).",
+    ),
+]
+OutputOpt = Annotated[
+    Path,
+    typer.Option(
+        "--output",
+        "-o",
+        help=".pt2: torch.export program that runs without convtool; .pt / "
+        ".safetensors: the converted state_dict (reload with convtool.load_converted).",
+        show_default=False,
+    ),
+]
+
+
+def _model_and_input(src: Source, input_shape: str | None) -> tuple[Any, tuple[int, ...]]:
+    """The module to convert and its full example input shape."""
+    if src.kind == "kernel":
+        layer = src.layers[0]
+        if input_shape is None:
+            dims = ",".join(["32"] * layer.spec.ndim)
+            raise ConvtoolError(
+                f"--input-shape is required: one sample of the kernel's input, e.g. "
+                f"{layer.spec.in_channels},{dims}"
+            )
+        shape = opt.parse_shape(input_shape)
+        sample = layer.spec.sample_shape(shape)
+        return build_conv(layer.spec, layer.weight, layer.bias), (
+            shape if len(shape) == len(sample) + 1 else (1, *sample)
+        )
+    if input_shape is not None:
+        return src.model, opt.parse_shape(input_shape)
+    if src.example_shape is not None:
+        return src.model, src.example_shape
+    raise ConvtoolError(
+        "--input-shape is required: the model's full example input, batch included, e.g. "
+        "1,3,224,224"
+    )
+
+
+@app.command("convert", no_args_is_help=True)
+def convert_command(
+    source: opt.SourceArg,
+    to: ToOpt,
+    output: OutputOpt,
+    input_shape: opt.InputShapeOpt = None,
+    sparse: SparseOpt = False,
+    layers: LayersOpt = None,
+    force: opt.ForceOpt = False,
+    json_out: opt.JsonOpt = False,
+    stride: opt.StrideOpt = "1",
+    padding: opt.PaddingOpt = "0",
+    dilation: opt.DilationOpt = "1",
+    groups: opt.GroupsOpt = 1,
+    padding_mode: opt.PaddingModeOpt = "zeros",
+    transposed: opt.TransposedOpt = False,
+    output_padding: opt.OutputPaddingOpt = "0",
+    bias: opt.BiasOpt = None,
+    model: opt.ModelOpt = None,
+    model_kwargs: opt.ModelKwargsOpt = None,
+    allow_pickle: opt.AllowPickleOpt = False,
+    allow_nonfinite: opt.AllowNonfiniteOpt = False,
+    max_memory: opt.MaxMemoryOpt = None,
+) -> None:
+    """Replace every (or every --layers) conv of a model by its LC or FC form and write it.
+
+    The converted model computes the same outputs as the original, for inputs of the
+    --input-shape it was converted for.
+
+    Example: convtool convert weights.pt --model mypkg.nets:make_net --input-shape 1,3,32,32
+    --to lc -o net_lc.pt2
+    """
+    target = to.strip().lower()
+    if target not in ("lc", "fc"):
+        raise ConvtoolError(f"--to must be lc or fc, got {to!r}")
+    if sparse and target != "fc":
+        raise ConvtoolError("--sparse applies to --to fc (an LC layer stores only its taps)")
+    fmt = mfiles.model_format(output)
+    inputs = [p for p in (source, bias) if p is not None]
+    check_target(output, force, inputs)  # before any work: a refusal costs nothing
+    memory_limit = opt.max_memory(max_memory)
+    flags = opt.conv_flags(
+        stride, padding, dilation, groups, padding_mode, transposed, output_padding
+    )
+    src = load_source(
+        source,
+        opt.source_options(
+            flags=flags,
+            layer=None,
+            bias=bias,
+            model=model,
+            model_kwargs=model_kwargs,
+            allow_pickle=allow_pickle,
+        ),
+    )
+    if not allow_nonfinite:
+        for layer in src.layers:
+            check_finite(layer)
+    module, example = _model_and_input(src, input_shape)
+    with warnings.catch_warnings():  # torch's beta notice for CSR is noise here
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        result = _convert(
+            src,
+            module,
+            example,
+            target,
+            sparse,
+            layers,
+            output,
+            fmt,
+            force,
+            inputs,
+            memory_limit,
+            json_out,
+        )
+    if json_out:
+        emit_json(result)
+    else:
+        render_convert(result)
+
+
+def _convert(
+    src: Source,
+    module: Any,
+    example: tuple[int, ...],
+    target: str,
+    sparse: bool,
+    layers: str | None,
+    output: Path,
+    fmt: str,
+    force: bool,
+    inputs: list[Path],
+    memory_limit: int | None,
+    quiet: bool,
+) -> dict[str, Any]:
+    """Convert, warn about what was left, write atomically; the result dict."""
+    source = src.path
+    started = time.perf_counter()
+    with progress(len(src.layers), f"converting to {target}", not quiet) as advance:
+        converted, report = convert_with_report(
+            module,
+            example,
+            to=target,
+            sparse=sparse,
+            layers=layers,
+            memory_limit=memory_limit,
+            advance=advance,
+            inplace=True,  # the loaded model is ours: no second copy of its weights
+        )
+    for line in report.warnings():
+        typer.echo(f"convtool: warning: {line}", err=True)
+    if not report.layers:
+        raise ConvtoolError(f"no conv layer of {str(source)!r} could be converted; nothing written")
+    check_disk(output, stored_size(converted)[1], "the converted model", "convert fewer layers")
+    result = report.to_dict()
+    if fmt == "export":
+        program = export_converted(converted, example)
+        with atomic_outputs([output], force=force, inputs=inputs) as temps:
+            mfiles.write_program(temps[0], program)
+    else:
+        meta = mfiles.metadata(result, source.name, src.kind)
+        with atomic_outputs([output], force=force, inputs=inputs) as temps:
+            mfiles.write_state_dict(temps[0], converted.state_dict(), meta)
+    result.update(
+        source=str(source),
+        source_kind=src.kind,
+        output=str(output),
+        format={
+            "export": "torch.export program",
+            "torch": "state_dict (.pt)",
+            "safetensors": "state_dict (.safetensors)",
+        }[fmt],
+        bytes_written=output.stat().st_size,
+        seconds=time.perf_counter() - started,
+    )
+    return result
