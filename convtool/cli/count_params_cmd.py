@@ -1,0 +1,169 @@
+"""`convtool count-params`: what each form of each conv layer costs, before anyone builds it."""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Annotated
+
+import typer
+
+from convtool.cli import options as opt
+from convtool.cli.app import app
+from convtool.cli.shapes import layer_input_shape, resolve_shapes
+from convtool.errors import ConvtoolError
+from convtool.io.source import Source, load_source
+from convtool.params import count_layers
+from convtool.render.params import render_report, report_csv, report_json
+
+LayersOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--layers",
+        help="Shell globs (comma-separated) of the conv layers to list and convert in the "
+        "totals, e.g. 'layer1.*,conv1'. Default: all.",
+    ),
+]
+CsvOpt = Annotated[bool, typer.Option("--csv", help="Print CSV on stdout instead of tables.")]
+
+
+def _may_fail_to_run(src: Source) -> bool:
+    """Sources whose layers are still worth listing when the model cannot be run."""
+    return "script" in src.kind.lower()
+
+
+def _resolve_shapes(
+    src: Source, input_shape: str | None
+) -> tuple[dict[str, tuple[int, ...] | None], dict[str, str], list[str]]:
+    """Per-layer one-sample input shapes, why the missing ones are missing, and report notes.
+
+    A model is traced once (`resolve_shapes` caches the run on the source). A TorchScript archive
+    that cannot be run is still listed, conv form only, with a warning.
+    """
+    shapes: dict[str, tuple[int, ...] | None] = {}
+    missing: dict[str, str] = {}
+    notes: list[str] = []
+    if src.kind == "kernel":
+        for layer in src.layers:
+            if input_shape is None:
+                example = ",".join([str(layer.spec.in_channels)] + ["32"] * layer.spec.ndim)
+                missing[layer.name] = (
+                    f"no --input-shape: only the conv form is counted (give one sample, e.g. "
+                    f"--input-shape {example})"
+                )
+            else:
+                shapes[layer.name] = layer_input_shape(src, layer, input_shape)
+        return shapes, missing, notes
+    try:
+        cap = resolve_shapes(src, input_shape)
+    except ConvtoolError as exc:
+        if not _may_fail_to_run(src):
+            raise
+        typer.echo(f"convtool: warning: {exc}; listing conv counts only", err=True)
+        for layer in src.layers:
+            shapes[layer.name] = None
+            missing[layer.name] = f"the model could not be run: {exc}"
+        return shapes, missing, notes
+    traced = src.traced_shape
+    for layer in src.layers:
+        if cap is not None and layer.name in cap.conflicts:
+            seen = ", ".join(str(s) for s in cap.conflicts[layer.name])
+            shapes[layer.name] = None
+            missing[layer.name] = f"called on several input shapes ({seen}): no unique LC/FC form"
+        elif layer.input_shape is None and traced is not None:
+            missing[layer.name] = (
+                f"not called when the model runs on an input of shape {traced}: only the conv "
+                f"form is counted"
+            )
+        elif layer.input_shape is None:
+            missing[layer.name] = (
+                "no --input-shape: only the conv form is counted (give the model's full example "
+                "input, batch included, e.g. --input-shape 1,3,224,224)"
+            )
+    if cap is not None and cap.custom:
+        notes.append(
+            f"{', '.join(cap.custom)}: forward is not a plain conv with its own weight; "
+            f"`convtool convert` leaves such layers as they are"
+        )
+    if cap is not None and cap.functional:
+        notes.append(
+            f"{len(cap.functional)} functional conv call(s) (F.conv*, not nn.Conv modules) are "
+            f"not counted: {'; '.join(f.describe() for f in cap.functional[:4])}"
+        )
+    return shapes, missing, notes
+
+
+def _exact(name: str) -> str:
+    """A glob that matches exactly `name`."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+@app.command("count-params", no_args_is_help=True)
+def count_params_command(
+    source: opt.SourceArg,
+    input_shape: opt.InputShapeOpt = None,
+    layers: LayersOpt = None,
+    json_out: opt.JsonOpt = False,
+    csv_out: CsvOpt = False,
+    layer: opt.LayerOpt = None,
+    stride: opt.StrideOpt = "1",
+    padding: opt.PaddingOpt = "0",
+    dilation: opt.DilationOpt = "1",
+    groups: opt.GroupsOpt = 1,
+    padding_mode: opt.PaddingModeOpt = "zeros",
+    transposed: opt.TransposedOpt = False,
+    output_padding: opt.OutputPaddingOpt = "0",
+    bias: opt.BiasOpt = None,
+    model: opt.ModelOpt = None,
+    model_kwargs: opt.ModelKwargsOpt = None,
+    allow_pickle: opt.AllowPickleOpt = False,
+) -> None:
+    """Count the parameters, memory and multiply-adds of each conv layer as conv, locally
+    connected (LC) and fully connected (FC) layers, analytically (nothing is built).
+
+    Examples: convtool count-params kernel.npy --input-shape 3,24,24;
+    convtool count-params weights.pt --model mypkg.nets:resnet18 --input-shape 1,3,224,224 --json
+    """
+    if json_out and csv_out:
+        raise ConvtoolError("--json and --csv both given; pick one output format")
+    if layer is not None and layers is not None:
+        raise ConvtoolError(
+            f"--layer {layer!r} and --layers {layers!r} both given; use --layers for several"
+        )
+    flags = opt.conv_flags(
+        stride, padding, dilation, groups, padding_mode, transposed, output_padding
+    )
+    src = load_source(
+        source,
+        opt.source_options(
+            flags=flags,
+            layer=layer,
+            bias=bias,
+            model=model,
+            model_kwargs=model_kwargs,
+            allow_pickle=allow_pickle,
+        ),
+    )
+    pattern = layers
+    if layer is not None:
+        pattern = _exact(src.select(layer).name)
+    shapes, missing, notes = _resolve_shapes(src, input_shape)
+    example = None
+    if src.kind != "kernel":
+        example = src.traced_shape or src.example_shape
+    report = count_layers(
+        src.layers,
+        model=src.model,
+        input_shapes=shapes,
+        pattern=pattern,
+        non_conv_known=src.kind == "kernel" or src.model is not None,
+        example_input_shape=example,
+        missing=missing,
+        notes=[*src.notes, *notes],
+    )
+    if json_out:
+        report_json(report, str(source))
+    elif csv_out:
+        sys.stdout.write(report_csv(report))
+    else:
+        render_report(report)
