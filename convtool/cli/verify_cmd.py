@@ -1,0 +1,188 @@
+"""`convtool verify`: numerical proof that the Toeplitz, LC and FC forms equal the conv."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from convtool.cli import options as opt
+from convtool.cli.app import EXIT_MISMATCH, EXIT_OK, app
+from convtool.cli.progress import progress
+from convtool.cli.shapes import layer_input_shape
+from convtool.errors import ConvtoolError
+from convtool.io.source import ConvLayer, Source, load_source
+from convtool.models import select_layers
+from convtool.render.common import emit_json
+from convtool.render.verify import render_verify_report
+from convtool.verification import (
+    TARGETS,
+    FormCheck,
+    form_names,
+    model_form_names,
+    parse_dtype,
+    resolve_tolerance,
+    verify_layers,
+)
+
+ToOpt = Annotated[
+    str,
+    typer.Option(
+        "--to",
+        help="Forms to check: toeplitz (T @ x + b, dense and sparse), lc, fc (dense and "
+        "sparse), or all.",
+    ),
+]
+DtypeOpt = Annotated[
+    str, typer.Option("--dtype", help="float64 (rounding-level proof) or float32.")
+]
+TrialsOpt = Annotated[
+    int, typer.Option("--trials", help="Seeded random inputs, besides an all-ones and a zero one.")
+]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random inputs.")]
+RtolOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--rtol",
+        help="Relative tolerance (with --atol). Default: torch.testing's for the dtype "
+        "(float32 1.3e-6, float64 1e-7).",
+    ),
+]
+AtolOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--atol",
+        help="Absolute tolerance (with --rtol). Default: torch.testing's for the dtype "
+        "(float32 1e-5, float64 1e-7).",
+    ),
+]
+LayersOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--layers",
+        help="Shell globs (comma-separated) of the conv layers to check and to convert end to "
+        "end, e.g. 'features.*,conv1'. Default: all.",
+    ),
+]
+
+
+def _chosen(src: Source, layer: str | None, layers: str | None) -> list[ConvLayer]:
+    if layer is not None:
+        return [src.select(layer)]
+    names = set(select_layers([c.name for c in src.layers], layers))
+    return [c for c in src.layers if c.name in names]
+
+
+def _with_shapes(
+    src: Source, chosen: list[ConvLayer], input_shape: str | None
+) -> tuple[list[tuple[ConvLayer, tuple[int, ...]]], list[str]]:
+    """Each layer with its one-sample input shape; a model's convs that the example input does
+    not determine (not called, called on several shapes) are left out with a note."""
+    pairs, notes = [], []
+    for conv in chosen:
+        try:
+            pairs.append((conv, layer_input_shape(src, conv, input_shape)))
+        except ConvtoolError as exc:
+            if not src.is_model or len(chosen) == 1:
+                raise
+            notes.append(f"not checked: {exc}")
+    if not pairs:
+        raise ConvtoolError(f"no conv layer could be checked: {'; '.join(notes)}")
+    return pairs, notes
+
+
+def _example_shape(src: Source, input_shape: str | None) -> tuple[int, ...] | None:
+    if input_shape is not None:
+        return opt.parse_shape(input_shape)
+    return src.traced_shape or src.example_shape
+
+
+@app.command("verify", no_args_is_help=True)
+def verify_command(
+    source: opt.SourceArg,
+    input_shape: opt.InputShapeOpt = None,
+    to: ToOpt = "all",
+    dtype: DtypeOpt = "float64",
+    trials: TrialsOpt = 3,
+    seed: SeedOpt = 0,
+    rtol: RtolOpt = None,
+    atol: AtolOpt = None,
+    layers: LayersOpt = None,
+    json_out: opt.JsonOpt = False,
+    layer: opt.LayerOpt = None,
+    stride: opt.StrideOpt = "1",
+    padding: opt.PaddingOpt = "0",
+    dilation: opt.DilationOpt = "1",
+    groups: opt.GroupsOpt = 1,
+    padding_mode: opt.PaddingModeOpt = "zeros",
+    transposed: opt.TransposedOpt = False,
+    output_padding: opt.OutputPaddingOpt = "0",
+    bias: opt.BiasOpt = None,
+    model: opt.ModelOpt = None,
+    model_kwargs: opt.ModelKwargsOpt = None,
+    allow_pickle: opt.AllowPickleOpt = False,
+    max_memory: opt.MaxMemoryOpt = None,
+) -> None:
+    """Check each conv layer against its Toeplitz product, LC and FC forms (and a model end to
+    end) on seeded random, all-ones and zero inputs. Exit 0 if all agree, 1 on any mismatch.
+
+    The oracle is PyTorch's own conv. NaN/inf weights are not refused: they fail the check.
+
+    Examples: convtool verify kernel.npy --input-shape 3,32,32 --stride 2 --padding 1;
+    convtool verify weights.pt --model mypkg.nets:make_model --input-shape 1,3,64,64 --json
+    """
+    if layer is not None and layers is not None:
+        raise ConvtoolError(
+            f"--layer {layer!r} and --layers {layers!r} both given; use --layers for several"
+        )
+    if to not in TARGETS:
+        raise ConvtoolError(f"--to must be one of {', '.join(TARGETS)}, got {to!r}")
+    torch_dtype = parse_dtype(dtype)
+    resolve_tolerance(torch_dtype, rtol, atol)  # a bad tolerance fails before any loading
+    if trials < 0 or seed < 0:
+        raise ConvtoolError(f"--trials and --seed must be non-negative, got {trials} and {seed}")
+    flags = opt.conv_flags(
+        stride, padding, dilation, groups, padding_mode, transposed, output_padding
+    )
+    memory_limit = opt.max_memory(max_memory)
+    src = load_source(
+        source,
+        opt.source_options(
+            flags=flags,
+            layer=layer,
+            bias=bias,
+            model=model,
+            model_kwargs=model_kwargs,
+            allow_pickle=allow_pickle,
+        ),
+    )
+    chosen = _chosen(src, layer, layers)
+    pairs, notes = _with_shapes(src, chosen, input_shape)
+    example = _example_shape(src, input_shape) if src.model is not None else None
+    total = len(pairs) * len(form_names(to)) + (len(model_form_names(to)) if example else 0)
+    with progress(total, "verifying", not json_out) as step:
+
+        def advance(check: FormCheck) -> None:
+            step(1)
+
+        report = verify_layers(
+            pairs,
+            model=src.model,
+            example_shape=example,
+            to=to,
+            dtype=torch_dtype,
+            trials=trials,
+            seed=seed,
+            rtol=rtol,
+            atol=atol,
+            max_memory=memory_limit,
+            advance=advance,
+        )
+    report.notes[:0] = notes
+    if src.model is not None and example is None:
+        report.notes.append("no end-to-end comparison: give the example input with --input-shape")
+    if json_out:
+        emit_json({"source": str(source), **report.to_dict()})
+    else:
+        render_verify_report(report, str(source))
+    raise typer.Exit(EXIT_OK if report.passed else EXIT_MISMATCH)
