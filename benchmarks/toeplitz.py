@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from convtool import toeplitz
+from convtool.matrices import _template_cached, matrix_shape, structural_nnz
 from convtool.spec import ConvSpec
-from convtool.toeplitz import _template_cached, matrix_shape, structural_nnz
 
 
 def best_time(fn: Callable[[], object], repeat: int) -> float:

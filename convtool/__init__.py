@@ -1,20 +1,59 @@
 """convtool: the exact linear-algebra equivalents of PyTorch convolution layers.
 
 Every form is the same linear map `y = T x + b` for one sample `x` of shape `(C_in, *spatial)`
-flattened in C order. See README.md.
+flattened in C order:
+
+- :func:`toeplitz` / :func:`toeplitz_from_weight`: the matrix `T` (dense or torch sparse), and
+  :func:`bias_vector` for `b`;
+- :func:`to_locally_connected` / :class:`LocallyConnected2d` (1d, 3d): one kernel per output
+  position; :func:`to_fully_connected` / :class:`FullyConnected`: `T` as a layer;
+- :func:`convert_model`: every conv of a model replaced; :func:`count_params`: what each form
+  costs; :func:`verify`: numerical proof that each form equals the conv.
+
+Importing convtool does not import typer or rich (only the CLI does).
 """
 
+from convtool.compare import Comparison, Tolerance, compare
+from convtool.convert import to_fully_connected, to_locally_connected
 from convtool.errors import ConvtoolError
+from convtool.layers import (
+    FullyConnected,
+    LocallyConnected1d,
+    LocallyConnected2d,
+    LocallyConnected3d,
+)
+from convtool.matrices import bias_vector, toeplitz, toeplitz_from_weight
+from convtool.models import FunctionalConvWarning, convert_model, load_converted
+from convtool.params import LayerCounts, ParamReport, Totals, count_params
 from convtool.spec import ConvSpec
-from convtool.toeplitz import bias_vector, toeplitz, toeplitz_from_weight
+from convtool.verification import FormCheck, VerifyReport, verify
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Comparison",
     "ConvSpec",
     "ConvtoolError",
+    "FormCheck",
+    "FullyConnected",
+    "FunctionalConvWarning",
+    "LayerCounts",
+    "LocallyConnected1d",
+    "LocallyConnected2d",
+    "LocallyConnected3d",
+    "ParamReport",
+    "Tolerance",
+    "Totals",
+    "VerifyReport",
     "__version__",
     "bias_vector",
+    "compare",
+    "convert_model",
+    "count_params",
+    "load_converted",
+    "to_fully_connected",
+    "to_locally_connected",
     "toeplitz",
     "toeplitz_from_weight",
+    "verify",
 ]

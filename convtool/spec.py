@@ -34,7 +34,9 @@ def is_conv(module: object) -> bool:
     return isinstance(module, tuple(_CONV_TYPES))
 
 
-def _tuple(value: Any, ndim: int, name: str, *, minimum: int) -> tuple[int, ...]:
+def _tuple(
+    value: Any, ndim: int, name: str, *, minimum: int, broadcast: bool = True
+) -> tuple[int, ...]:
     """Broadcast an int to `ndim` ints, check a sequence's length and every element's value."""
     if isinstance(value, bool):
         raise ConvtoolError(f"{name} must be an int or a tuple of {ndim} ints, got {value!r}")
@@ -42,7 +44,7 @@ def _tuple(value: Any, ndim: int, name: str, *, minimum: int) -> tuple[int, ...]
         items: tuple[Any, ...] = (value,) * ndim
     elif isinstance(value, Sequence) and not isinstance(value, str):
         items = tuple(value)
-        if len(items) == 1 and ndim > 1:
+        if len(items) == 1 and ndim > 1 and broadcast:
             items = items * ndim
         if len(items) != ndim:
             raise ConvtoolError(
@@ -198,13 +200,21 @@ class ConvSpec:
             )
         ndim, transposed = kind
         m: Any = module
+        padding = m.padding
+        if m.padding_mode != "zeros" and not isinstance(padding, str):
+            # nn.Conv pads non-zero modes itself with F.pad, which does not broadcast a 1-tuple
+            # and reads one extra leading entry as padding of the channel dim (0 is harmless).
+            padding = tuple(padding)
+            if len(padding) == ndim + 1 and padding[0] == 0:
+                padding = padding[1:]
+            _tuple(padding, ndim, "padding", minimum=0, broadcast=False)
         return cls.create(
             ndim=ndim,
             in_channels=m.in_channels,
             out_channels=m.out_channels,
             kernel_size=m.kernel_size,
             stride=m.stride,
-            padding=m.padding,
+            padding=padding,
             dilation=m.dilation,
             groups=m.groups,
             padding_mode=m.padding_mode,

@@ -287,7 +287,7 @@ def test_version_and_no_ui_imports_in_core() -> None:
     )
     assert out.stdout.startswith("convtool ")
     code = (
-        "import sys, convtool, convtool.toeplitz, convtool.spec; "
+        "import sys, convtool, convtool.matrices, convtool.spec; "
         "print(any(m in sys.modules for m in ('typer', 'rich')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

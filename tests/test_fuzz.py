@@ -10,12 +10,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from convtool import ConvtoolError, bias_vector, toeplitz, toeplitz_from_weight
+from convtool import ConvSpec, ConvtoolError, bias_vector, toeplitz, toeplitz_from_weight
 
 CONV = {
     (1, False): nn.Conv1d,
@@ -79,7 +80,12 @@ def test_matches_torch_or_raises_convtool_error(data: st.DataObject) -> None:
         layer = CONV[ndim, transposed](cin, cout, **kwargs).double()
     except Exception as exc:
         event(f"torch: {str(exc)[:40]}")
-        # torch refuses the hyperparameters: the raw-kernel API must refuse them too
+        # torch refuses the hyperparameters: the raw-kernel API must refuse them too, unless the
+        # refusal is about channel counts, which a raw kernel's shape cannot express
+        if cin % groups or cout % groups:
+            with pytest.raises(ConvtoolError, match="divisible by groups"):
+                ConvSpec.create(ndim, cin, cout, 1, groups=groups)
+            return
         kernel = kwargs["kernel_size"]
         ks = (kernel,) * ndim if isinstance(kernel, int) else kernel
         wshape = (

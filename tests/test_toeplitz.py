@@ -14,8 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from convtool import ConvSpec, ConvtoolError, bias_vector, toeplitz, toeplitz_from_weight
-from convtool.toeplitz import dense_row_blocks, structural_nnz
-
+from convtool.matrices import dense_row_blocks, structural_nnz
 
 
 @pytest.fixture(autouse=True)

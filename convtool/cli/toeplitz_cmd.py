@@ -18,10 +18,10 @@ from convtool.errors import ConvtoolError
 from convtool.io import matrix_files as mf
 from convtool.io.source import check_finite, load_source
 from convtool.io.writers import atomic_outputs, check_target
+from convtool.matrices import bias_vector_for, dense_row_blocks, matrix, matrix_info
 from convtool.render.common import emit_json
 from convtool.render.toeplitz import render_matrix_summary
 from convtool.resources import check_disk, check_memory
-from convtool.toeplitz import bias_vector_for, dense_row_blocks, matrix, matrix_info
 
 _BLOCK_BYTES = 128 * 1024**2  # dense rows streamed to .npy per block
 

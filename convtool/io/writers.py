@@ -64,9 +64,10 @@ def atomic_outputs(
             )
             os.close(fd)
             temps.append(Path(name))
-            os.chmod(name, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
         yield temps
+        mode = 0o666 & ~_umask()  # mkstemp makes 0600 (and some writers recreate the file)
         for temp, target in zip(temps, targets, strict=True):
+            os.chmod(temp, mode)
             if force:
                 os.replace(temp, target)
             else:
