@@ -32,6 +32,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from convtool.errors import ConvtoolError
+from convtool.resources import check_memory, human_bytes
 from convtool.spec import ConvSpec, is_conv
 
 _CONV_FUNCTIONS = {
@@ -106,6 +107,13 @@ def example_tensor(model: nn.Module, example_input: Tensor | Sequence[int]) -> T
         raise ConvtoolError(f"the example input shape must be positive ints, got {shape}")
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
     dtype = param.dtype if param is not None else torch.float32
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    # the input, and about as much again for the activations alive while it runs
+    check_memory(
+        2 * nbytes,
+        f"running the model on an example input of shape {shape}",
+        "use a smaller --input-shape",
+    )
     return torch.zeros(shape, dtype=dtype)
 
 
@@ -454,7 +462,6 @@ def convert_with_report(
         inplace: convert `model` itself instead of a deep copy.
     """
     from convtool.convert import to_fully_connected, to_locally_connected
-    from convtool.resources import check_memory, human_bytes
 
     if to not in TARGETS:
         raise ConvtoolError(f"to must be 'lc' or 'fc', got {to!r}")
@@ -510,7 +517,7 @@ def convert_with_report(
         }[to]
         check_memory(
             total,
-            f"the {form} form of {len(plan)} layer(s) (largest: {biggest[0]!r}, "
+            f"the {form} form of {len(plan)} layer(s) (largest: {biggest[0] or 'the conv'!r}, "
             f"{human_bytes(biggest[4])})",
             alternative,
             memory_limit,

@@ -336,6 +336,12 @@ class ConvSpec:
             raise ConvtoolError(f"spatial sizes must be positive, got {_shape_str(shape)}")
         return shape
 
+    def checked_sample(self, input_shape: Sequence[int]) -> tuple[int, ...]:
+        """:meth:`sample_shape`, also checking the layer can run on it (kernel fits, padding)."""
+        sample = self.sample_shape(input_shape)
+        self.output_shape(sample)
+        return sample
+
     def _spatial_names(self) -> str:
         return ", ".join(("D", "H", "W")[3 - self.ndim :])
 

@@ -65,7 +65,7 @@ def _model_and_input(src: Source, input_shape: str | None) -> tuple[Any, tuple[i
                 f"{layer.spec.in_channels},{dims}"
             )
         shape = opt.parse_shape(input_shape)
-        sample = layer.spec.sample_shape(shape)
+        sample = layer.spec.checked_sample(shape)
         return build_conv(layer.spec, layer.weight, layer.bias), (
             shape if len(shape) == len(sample) + 1 else (1, *sample)
         )

@@ -27,7 +27,7 @@ def resolve_shapes(src: Source, input_shape: str | None) -> Capture | None:
         if input_shape is not None:
             shape = parse_shape(input_shape)
             for layer in src.layers:
-                layer.input_shape = layer.spec.sample_shape(shape)
+                layer.input_shape = layer.spec.checked_sample(shape)
         return None
     if input_shape is None:
         return src.capture
@@ -43,7 +43,7 @@ def layer_input_shape(src: Source, layer: ConvLayer, input_shape: str | None) ->
                 f"--input-shape is required for a kernel file: one sample C,{dims}, e.g. "
                 f"{_example(layer)}"
             )
-        return layer.spec.sample_shape(parse_shape(input_shape))
+        return layer.spec.checked_sample(parse_shape(input_shape))
     cap = resolve_shapes(src, input_shape)
     if cap is not None and layer.name in cap.conflicts:
         seen = ", ".join(str(s) for s in cap.conflicts[layer.name])

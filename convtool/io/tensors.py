@@ -10,6 +10,7 @@ import os
 import pickle
 import re
 import sys
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -82,7 +83,9 @@ def torch_load(path: Path, *, allow_pickle: bool = False) -> Any:
     unpickled in full.
     """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the error says it
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
     except pickle.UnpicklingError as exc:
         # weights_only refused a global: the file wants to run code to load.
         if not allow_pickle:
@@ -158,6 +161,11 @@ def read_tensors(path: Path) -> Tensor | dict[str, Tensor]:
         try:
             return _from_numpy(np.load(path, allow_pickle=False), path)
         except ValueError as exc:
+            if "pickled" in str(exc):  # not .npy magic: numpy would fall back to unpickling
+                raise ConvtoolError(
+                    f"{str(path)!r} is not a NumPy .npy file (numpy would have to unpickle it, "
+                    f"which convtool never does); save the kernel with numpy.save"
+                ) from None
             raise ConvtoolError(f"cannot read {str(path)!r} as .npy: {exc}") from None
     if suffix == ".npz":
         try:
@@ -175,7 +183,10 @@ def read_tensors(path: Path) -> Tensor | dict[str, Tensor]:
         try:
             return unwrap_state_dict(load_file(str(path)), path)
         except (SafetensorError, OSError, ValueError) as exc:
-            raise ConvtoolError(f"cannot read {str(path)!r} as .safetensors: {exc}") from None
+            raise ConvtoolError(
+                f"cannot read {str(path)!r} as .safetensors (truncated, or another format with "
+                f"this extension?): {_first_line(exc)[:160]}"
+            ) from None
     if suffix in (".pt", ".pth", ".bin", ".ckpt"):
         return tensors_from_object(torch_load(path), path)
     raise ConvtoolError(

@@ -10,11 +10,19 @@ from rich.console import Console
 
 from convtool.resources import human_bytes
 
-__all__ = ["emit_json", "human_bytes", "human_count", "shape_str", "stderr", "stdout"]
+__all__ = [
+    "emit_json",
+    "human_bytes",
+    "human_count",
+    "name_width",
+    "shape_str",
+    "stderr",
+    "stdout",
+]
 
 
 def stdout() -> Console:
-    """Console on stdout. Width comes from the terminal, or COLUMNS, or 100 when piped."""
+    """Console on stdout. Width comes from the terminal, or COLUMNS, or 160 when piped."""
     return Console(file=sys.stdout, width=None if sys.stdout.isatty() else _width())
 
 
@@ -26,9 +34,9 @@ def _width() -> int:
     import os
 
     try:
-        return int(os.environ.get("COLUMNS", "100"))
+        return int(os.environ.get("COLUMNS", "160"))
     except ValueError:
-        return 100
+        return 160
 
 
 def emit_json(payload: Any) -> None:
@@ -48,3 +56,8 @@ def human_count(n: float) -> str:
 
 def shape_str(shape: Any) -> str:
     return "(" + ", ".join(str(s) for s in shape) + ")" if shape is not None else "-"
+
+
+def name_width(names: Any, cap: int = 28) -> int:
+    """Width for a layer-name column: the longest name up to `cap`, so short names never fold."""
+    return min(cap, max((len(str(n)) for n in names), default=4))

@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from convtool.params import LayerCounts, ParamReport, Totals
-from convtool.render.common import emit_json, human_bytes, human_count, stdout
+from convtool.render.common import emit_json, human_bytes, human_count, name_width, stdout
 
 MISSING = "-"
 NOT_APPLICABLE = "n/a"
@@ -86,7 +86,7 @@ def _name(layer: LayerCounts) -> str:
 def params_table(report: ParamReport) -> Table:
     """Parameters of each listed layer in each form, with the blow-up over the conv."""
     table = Table(title="Parameters per layer (bias included)", title_justify="left")
-    table.add_column("Layer", overflow="fold")
+    table.add_column("Layer", overflow="fold", min_width=name_width(map(_name, report.layers)))
     table.add_column("Type", no_wrap=True)
     table.add_column("Input", no_wrap=True)
     table.add_column("Output", no_wrap=True)
@@ -115,7 +115,7 @@ def cost_table(report: ParamReport) -> Table:
         f"Memory ({', '.join(dtypes)}; sparse = CSR, int64 indices) and multiply-adds per sample"
     )
     table = Table(title=title, title_justify="left")
-    table.add_column("Layer", overflow="fold")
+    table.add_column("Layer", overflow="fold", min_width=name_width(map(_name, report.layers)))
     for head in ("Conv", "LC", "FC dense", "FC sparse"):
         table.add_column(head, justify="right", no_wrap=True)
     for head in ("MACs conv/LC", "MACs FC dense", "MACs FC sparse"):

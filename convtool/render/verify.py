@@ -6,7 +6,7 @@ import math
 
 from rich.table import Table
 
-from convtool.render.common import shape_str, stdout
+from convtool.render.common import name_width, shape_str, stdout
 from convtool.verification import FAILED, NOT_APPLICABLE, PASSED, SKIPPED, FormCheck, VerifyReport
 
 _STATUS = {
@@ -69,8 +69,8 @@ def render_verify_report(report: VerifyReport, source: str = "") -> None:
         f"atol needed = tightest atol at rtol={tol.rtol:g}.",
         caption_justify="left",
     )
-    table.add_column("layer", overflow="fold")
-    table.add_column("form")
+    table.add_column("layer", overflow="fold", min_width=name_width(c.name for c in report.checks))
+    table.add_column("form", no_wrap=True)
     for name in ("max abs", "mean abs", "median abs", "max rel", "atol needed"):
         table.add_column(name, justify="right")
     table.add_column("result")
