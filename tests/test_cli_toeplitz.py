@@ -225,7 +225,7 @@ def test_bad_input_is_one_line_exit_2(kernel, args, message) -> None:  # type: i
     "content, name, message",
     [
         (b"", "w.npy", "is empty"),
-        (b"not a numpy file at all", "w.npy", "cannot read"),
+        (b"not a numpy file at all", "w.npy", "not a NumPy .npy file"),
         (b"PK\x03\x04truncated", "w.pt", "cannot read"),
         (b"\x00" * 10, "w.safetensors", "cannot read"),
         (b"hello", "w.txt", "cannot tell the format"),

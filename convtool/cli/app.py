@@ -67,6 +67,8 @@ class _Group(TyperGroup):
                 f"unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 f" (this is a bug in convtool; rerun with --debug for the traceback)"
             )
+        if result == 130:  # typer turns KeyboardInterrupt into exit code 130
+            typer.echo("convtool: interrupted", err=True)
         sys.exit(result if isinstance(result, int) else EXIT_OK)
 
 
