@@ -428,13 +428,38 @@ def bias_vector(layer: nn.Module, input_shape: Sequence[int]) -> Tensor:
     return bias_vector_for(spec, bias, input_shape, weight.dtype)
 
 
-def _axis_pairs(n: int, m: int, k: int, s: int, d: int, lo: int, mode: str) -> int:
-    """Distinct (output position, input index) pairs along one axis, padding taps removed."""
+def _axis_count(n: int, m: int, k: int, s: int, d: int, lo: int, mode: str, distinct: bool) -> int:
+    """Along one axis: (output position, tap) pairs whose tap reads a real input value, or with
+    `distinct` the distinct (output position, input index) pairs they make."""
     pos, valid = _axis_positions(n, m, k, s, d, lo, mode)
+    if not distinct:
+        return m * k if valid is None else int(valid.sum())
     key = torch.arange(m, dtype=torch.int64)[:, None] * n + pos
     if valid is not None:
         key = key[valid]
     return int(torch.unique(key).numel())
+
+
+def _count(spec: ConvSpec, input_shape: Sequence[int], distinct: bool) -> int:
+    sample = spec.sample_shape(input_shape)
+    out = spec.output_shape(sample)
+    if spec.transposed:  # the adjoint of the forward conv from its output to its input
+        in_sp, out_sp, c_rows, c_cols = out[1:], sample[1:], spec.in_channels, spec.out_channels
+    else:
+        in_sp, out_sp, c_rows, c_cols = sample[1:], out[1:], spec.out_channels, spec.in_channels
+    count = c_rows * (c_cols // spec.groups)
+    for axis, (lo, _) in enumerate(spec.pad_pairs):
+        count *= _axis_count(
+            in_sp[axis],
+            out_sp[axis],
+            spec.kernel_size[axis],
+            spec.stride[axis],
+            spec.dilation[axis],
+            lo,
+            spec.padding_mode,
+            distinct,
+        )
+    return count
 
 
 def structural_nnz(spec: ConvSpec, input_shape: Sequence[int]) -> int:
@@ -444,25 +469,17 @@ def structural_nnz(spec: ConvSpec, input_shape: Sequence[int]) -> int:
     per-axis index does, so the distinct (row, col) pairs factor over the axes. Cost: O(sum of
     out_size * kernel_size) whatever the layer's size.
     """
-    sample = spec.sample_shape(input_shape)
-    out = spec.output_shape(sample)
-    if spec.transposed:
-        in_sp, out_sp, c_rows, c_cols = out[1:], sample[1:], spec.in_channels, spec.out_channels
-    else:
-        in_sp, out_sp, c_rows, c_cols = sample[1:], out[1:], spec.out_channels, spec.in_channels
-    mode = spec.padding_mode
-    count = c_rows * (c_cols // spec.groups)
-    for axis, (lo, _) in enumerate(spec.pad_pairs):
-        count *= _axis_pairs(
-            in_sp[axis],
-            out_sp[axis],
-            spec.kernel_size[axis],
-            spec.stride[axis],
-            spec.dilation[axis],
-            lo,
-            mode,
-        )
-    return count
+    return _count(spec, input_shape, distinct=True)
+
+
+def tap_count(spec: ConvSpec, input_shape: Sequence[int]) -> int:
+    """Multiply-adds of one sample through the conv: taps that read a real input value.
+
+    Taps on zero padding do not count (so with zero padding this is :func:`structural_nnz`);
+    with reflect/replicate/circular padding every tap reads a copied value and counts, so it can
+    exceed the non-zeros, where coinciding taps are merged.
+    """
+    return _count(spec, input_shape, distinct=False)
 
 
 def dense_row_blocks(

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from convtool.errors import ConvtoolError
-from convtool.matrices import structural_nnz
+from convtool.matrices import structural_nnz, tap_count
 from convtool.spec import ConvSpec, is_conv
 
 INDEX_BYTES = 8  # CSR column indices and row pointers are int64
@@ -186,43 +186,6 @@ def _list(shape: Sequence[int] | None) -> list[int] | None:
     return None if shape is None else [int(s) for s in shape]
 
 
-def _axis_taps(n: int, m: int, k: int, s: int, d: int, lo: int, zero_padding: bool) -> int:
-    """(output position, tap) pairs along one axis whose tap reads a real input value.
-
-    Output `o` with tap `j` reads `o*s + j*d - lo`; with zero padding it counts when that lies
-    in `[0, n)`, i.e. `ceil((lo - j*d) / s) <= o <= floor((n - 1 + lo - j*d) / s)`.
-    """
-    if not zero_padding:
-        return m * k
-    total = 0
-    for j in range(k):
-        first = max(0, -((j * d - lo) // s))  # ceil((lo - j*d) / s)
-        last = min(m - 1, (n - 1 + lo - j * d) // s)
-        total += max(0, last - first + 1)
-    return total
-
-
-def conv_macs(spec: ConvSpec, input_shape: Sequence[int]) -> int:
-    """Multiply-adds of one sample through the conv (convention in the module docstring)."""
-    sample = spec.sample_shape(input_shape)
-    out = spec.output_shape(sample)
-    # A transposed conv is the adjoint of the forward conv that maps its output to its input.
-    in_sp, out_sp = (out[1:], sample[1:]) if spec.transposed else (sample[1:], out[1:])
-    count = spec.in_channels * spec.out_channels // spec.groups
-    zero_padding = spec.padding_mode == "zeros"
-    for axis, (lo, _) in enumerate(spec.pad_pairs):
-        count *= _axis_taps(
-            in_sp[axis],
-            out_sp[axis],
-            spec.kernel_size[axis],
-            spec.stride[axis],
-            spec.dilation[axis],
-            lo,
-            zero_padding,
-        )
-    return count
-
-
 def layer_counts(
     spec: ConvSpec,
     input_shape: Sequence[int] | None = None,
@@ -283,7 +246,7 @@ def layer_counts(
     positions = math.prod(out[1:])
     out_bias = rows if spec.bias else 0
     nnz = structural_nnz(spec, sample)
-    macs = conv_macs(spec, sample)
+    macs = tap_count(spec, sample)
     lc = None if spec.transposed else positions * weight + out_bias
     return LayerCounts(
         **base,

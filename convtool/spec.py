@@ -13,13 +13,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from convtool.errors import ConvtoolError
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
-_CONV_TYPES: dict[type[nn.Module], tuple[int, bool]] = {
+CONV_TYPES: dict[type[nn.Module], tuple[int, bool]] = {
     nn.Conv1d: (1, False),
     nn.Conv2d: (2, False),
     nn.Conv3d: (3, False),
@@ -29,9 +29,14 @@ _CONV_TYPES: dict[type[nn.Module], tuple[int, bool]] = {
 }
 
 
+def conv_class(ndim: int, transposed: bool) -> type[nn.Module]:
+    """`nn.Conv{ndim}d`, or `nn.ConvTranspose{ndim}d` when `transposed`."""
+    return next(t for t, key in CONV_TYPES.items() if key == (ndim, transposed))
+
+
 def is_conv(module: object) -> bool:
     """True for the six PyTorch conv module types (and their subclasses)."""
-    return isinstance(module, tuple(_CONV_TYPES))
+    return isinstance(module, tuple(CONV_TYPES))
 
 
 def _tuple(
@@ -192,7 +197,7 @@ class ConvSpec:
     @classmethod
     def from_module(cls, module: nn.Module) -> ConvSpec:
         """Read the spec of an `nn.Conv*d` / `nn.ConvTranspose*d` module."""
-        kind = next((v for t, v in _CONV_TYPES.items() if isinstance(module, t)), None)
+        kind = next((v for t, v in CONV_TYPES.items() if isinstance(module, t)), None)
         if kind is None:
             raise ConvtoolError(
                 f"expected an nn.Conv1d/2d/3d or nn.ConvTranspose1d/2d/3d, got "
@@ -410,3 +415,36 @@ class ConvSpec:
         if self.padding_mode != "zeros":
             parts.append(f"padding_mode={self.padding_mode!r}")
         return f"{self.kind}({', '.join(parts)})"
+
+
+def build_conv(spec: ConvSpec, weight: Tensor, bias: Tensor | None) -> nn.Module:
+    """An `nn.Conv*d` / `nn.ConvTranspose*d` of `spec` whose parameters are `weight` and `bias`.
+
+    The module is created on the meta device, so its own initial weights cost nothing; the given
+    tensors become its parameters without a copy.
+    """
+    kwargs: dict[str, Any] = {
+        "stride": spec.stride,
+        "padding": spec.padding,
+        "dilation": spec.dilation,
+        "groups": spec.groups,
+        "bias": bias is not None,
+        "padding_mode": spec.padding_mode,
+        "device": "meta",
+        "dtype": weight.dtype,
+    }
+    if spec.transposed:
+        kwargs["output_padding"] = spec.output_padding
+    conv: Any = conv_class(spec.ndim, spec.transposed)(
+        spec.in_channels, spec.out_channels, spec.kernel_size, **kwargs
+    )
+    conv.weight = _parameter(weight)
+    if bias is not None:
+        conv.bias = _parameter(bias)
+    return conv
+
+
+def _parameter(t: Tensor) -> nn.Parameter:
+    if isinstance(t, nn.Parameter):
+        return t
+    return nn.Parameter(t.detach(), requires_grad=t.is_floating_point())

@@ -47,7 +47,7 @@ from convtool.errors import ConvtoolError
 from convtool.io.source import ConvLayer
 from convtool.matrices import bias_vector_for, coo_entries, matrix, matrix_info
 from convtool.resources import available_memory, human_bytes
-from convtool.spec import ConvSpec, is_conv
+from convtool.spec import ConvSpec, build_conv, is_conv
 
 __all__ = [
     "Comparison",
@@ -193,49 +193,20 @@ class VerifyReport:
 
 
 # ---------------------------------------------------------------------------------- helpers
-_MODULE_TYPES: dict[tuple[int, bool], type[nn.Module]] = {
-    (1, False): nn.Conv1d,
-    (2, False): nn.Conv2d,
-    (3, False): nn.Conv3d,
-    (1, True): nn.ConvTranspose1d,
-    (2, True): nn.ConvTranspose2d,
-    (3, True): nn.ConvTranspose3d,
-}
-
-
 def conv_module(
     spec: ConvSpec, weight: Tensor, bias: Tensor | None, dtype: torch.dtype | None = None
 ) -> nn.Module:
-    """A fresh `nn.Conv*d` / `nn.ConvTranspose*d` with `spec`'s hyperparameters and these tensors.
-
-    Weights are copied as they are (NaN included) and cast to `dtype` (default: the weight's).
-    """
+    """A fresh `nn.Conv*d` / `nn.ConvTranspose*d` with `spec`'s hyperparameters and copies of
+    these tensors (NaN included), cast to `dtype` (default: the weight's): the oracle."""
     dtype = dtype or weight.dtype
     if tuple(weight.shape) != spec.weight_shape:
         raise ConvtoolError(
             f"weight has shape {tuple(weight.shape)} but {spec.describe()} needs "
             f"{spec.weight_shape}"
         )
-    kwargs: dict[str, Any] = dict(
-        in_channels=spec.in_channels,
-        out_channels=spec.out_channels,
-        kernel_size=spec.kernel_size,
-        stride=spec.stride,
-        padding=spec.padding,
-        dilation=spec.dilation,
-        groups=spec.groups,
-        bias=bias is not None,
-        padding_mode=spec.padding_mode,
-        dtype=dtype,
-    )
-    if spec.transposed:
-        kwargs["output_padding"] = spec.output_padding
-    module: Any = _MODULE_TYPES[(spec.ndim, spec.transposed)](**kwargs)
-    with torch.no_grad():
-        module.weight.copy_(weight.detach())
-        if bias is not None:
-            module.bias.copy_(bias.detach())
-    return module.eval().requires_grad_(False)
+    copies = [None if t is None else t.detach().to(dtype, copy=True) for t in (weight, bias)]
+    assert copies[0] is not None
+    return build_conv(spec, copies[0], copies[1]).eval().requires_grad_(False)
 
 
 def form_names(to: str) -> tuple[str, ...]:

@@ -14,13 +14,13 @@ from convtool.cli.app import app
 from convtool.cli.progress import progress
 from convtool.errors import ConvtoolError
 from convtool.io import model_files as mfiles
-from convtool.io.checkpoints import build_conv
 from convtool.io.source import Source, check_finite, load_source
 from convtool.io.writers import atomic_outputs, check_target
 from convtool.models import convert_with_report, export_converted, stored_size
 from convtool.render.common import emit_json
 from convtool.render.convert import render_convert
 from convtool.resources import check_disk
+from convtool.spec import build_conv
 
 ToOpt = Annotated[
     str,

@@ -35,17 +35,9 @@ from torch import Tensor, nn
 from convtool.errors import ConvtoolError
 from convtool.io.source import ConvLayer, Source, SourceOptions
 from convtool.io.tensors import read_tensors, tensors_from_object, torch_load
-from convtool.spec import ConvSpec, is_conv
+from convtool.spec import CONV_TYPES, ConvSpec, build_conv, is_conv
 
-_CONV_CLASSES: dict[tuple[int, bool], type[nn.Module]] = {
-    (1, False): nn.Conv1d,
-    (2, False): nn.Conv2d,
-    (3, False): nn.Conv3d,
-    (1, True): nn.ConvTranspose1d,
-    (2, True): nn.ConvTranspose2d,
-    (3, True): nn.ConvTranspose3d,
-}
-SCRIPT_CONV_NAMES = {cls.__name__: key for key, cls in _CONV_CLASSES.items()}
+SCRIPT_CONV_NAMES = {cls.__name__: key for cls, key in CONV_TYPES.items()}
 # aten ops that are a convolution; their arguments are read by schema name.
 _ATEN_CONVS = {
     f"aten::{name}"
@@ -94,39 +86,6 @@ def detect_format(path: Path) -> str:
     if "constants.pkl" in inner or any(n.startswith("code/") for n in inner):
         return "torchscript"
     return "torch"
-
-
-# ---------------------------------------------------------------------------------- modules
-def build_conv(spec: ConvSpec, weight: Tensor, bias: Tensor | None) -> nn.Module:
-    """An `nn.Conv*d` / `nn.ConvTranspose*d` of `spec` that uses `weight` and `bias` as they are.
-
-    The module is created on the meta device, so its own initial weights cost nothing; the given
-    tensors become its parameters without a copy.
-    """
-    cls = _CONV_CLASSES[(spec.ndim, spec.transposed)]
-    kwargs: dict[str, Any] = {
-        "stride": spec.stride,
-        "padding": spec.padding,
-        "dilation": spec.dilation,
-        "groups": spec.groups,
-        "bias": bias is not None,
-        "padding_mode": spec.padding_mode,
-        "device": "meta",
-        "dtype": weight.dtype,
-    }
-    if spec.transposed:
-        kwargs["output_padding"] = spec.output_padding
-    conv = cls(spec.in_channels, spec.out_channels, spec.kernel_size, **kwargs)
-    conv.weight = _parameter(weight)
-    if bias is not None:
-        conv.bias = _parameter(bias)
-    return conv
-
-
-def _parameter(t: Tensor) -> nn.Parameter:
-    if isinstance(t, nn.Parameter):
-        return t
-    return nn.Parameter(t.detach(), requires_grad=t.is_floating_point())
 
 
 def module_layers(model: nn.Module) -> list[ConvLayer]:
