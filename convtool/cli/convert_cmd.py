@@ -14,7 +14,7 @@ from convtool.cli.app import app
 from convtool.cli.progress import progress
 from convtool.errors import ConvtoolError
 from convtool.io import model_files as mfiles
-from convtool.io.source import Source, check_finite, load_source
+from convtool.io.source import Source, check_finite
 from convtool.io.writers import atomic_outputs, check_target
 from convtool.models import convert_with_report, export_converted, stored_size
 from convtool.render.common import emit_json
@@ -120,19 +120,14 @@ def convert_command(
     inputs = [p for p in (source, bias) if p is not None]
     check_target(output, force, inputs)  # before any work: a refusal costs nothing
     memory_limit = opt.max_memory(max_memory)
-    flags = opt.conv_flags(
-        stride, padding, dilation, groups, padding_mode, transposed, output_padding
-    )
-    src = load_source(
+    src = opt.open_source(
         source,
-        opt.source_options(
-            flags=flags,
-            layer=None,
-            bias=bias,
-            model=model,
-            model_kwargs=model_kwargs,
-            allow_pickle=allow_pickle,
-        ),
+        None,
+        bias,
+        model,
+        model_kwargs,
+        allow_pickle,
+        opt.conv_flags(stride, padding, dilation, groups, padding_mode, transposed, output_padding),
     )
     if not allow_nonfinite:
         for layer in src.layers:

@@ -12,7 +12,7 @@ from convtool.cli import options as opt
 from convtool.cli.app import app
 from convtool.cli.shapes import layer_input_shape, resolve_shapes
 from convtool.errors import ConvtoolError
-from convtool.io.source import Source, load_source
+from convtool.io.source import Source
 from convtool.params import count_layers
 from convtool.render.params import render_report, report_csv, report_json
 
@@ -130,19 +130,14 @@ def count_params_command(
         raise ConvtoolError(
             f"--layer {layer!r} and --layers {layers!r} both given; use --layers for several"
         )
-    flags = opt.conv_flags(
-        stride, padding, dilation, groups, padding_mode, transposed, output_padding
-    )
-    src = load_source(
+    src = opt.open_source(
         source,
-        opt.source_options(
-            flags=flags,
-            layer=layer,
-            bias=bias,
-            model=model,
-            model_kwargs=model_kwargs,
-            allow_pickle=allow_pickle,
-        ),
+        layer,
+        bias,
+        model,
+        model_kwargs,
+        allow_pickle,
+        opt.conv_flags(stride, padding, dilation, groups, padding_mode, transposed, output_padding),
     )
     pattern = layers
     if layer is not None:

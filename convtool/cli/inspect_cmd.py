@@ -9,7 +9,7 @@ import typer
 from convtool.cli import options as opt
 from convtool.cli.app import app
 from convtool.cli.shapes import resolve_shapes
-from convtool.io.source import ConvLayer, Source, load_source
+from convtool.io.source import ConvLayer, Source
 from convtool.render.common import emit_json
 from convtool.render.inspect import render_inspect
 
@@ -107,19 +107,14 @@ def inspect_command(
     Examples: convtool inspect model.pt2; convtool inspect weights.pt --model mypkg.nets:make_net
     --input-shape 1,3,32,32
     """
-    flags = opt.conv_flags(
-        stride, padding, dilation, groups, padding_mode, transposed, output_padding
-    )
-    src = load_source(
+    src = opt.open_source(
         source,
-        opt.source_options(
-            flags=flags,
-            layer=layer,
-            bias=bias,
-            model=model,
-            model_kwargs=model_kwargs,
-            allow_pickle=allow_pickle,
-        ),
+        layer,
+        bias,
+        model,
+        model_kwargs,
+        allow_pickle,
+        opt.conv_flags(stride, padding, dilation, groups, padding_mode, transposed, output_padding),
     )
     result = inspect_result(src, input_shape, layer)
     for note in result["notes"]:

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from convtool.errors import ConvtoolError
-from convtool.io.source import ConvFlags, SourceOptions
+from convtool.io.source import ConvFlags, Source, SourceOptions, load_source
 from convtool.resources import parse_size
 
 KERNEL_PANEL = "Kernel flags (SOURCE is a raw kernel file)"
@@ -166,16 +166,17 @@ def conv_flags(
     )
 
 
-def source_options(
-    *,
-    flags: ConvFlags,
+def open_source(
+    source: Path,
     layer: str | None,
     bias: Path | None,
     model: str | None,
     model_kwargs: str | None,
     allow_pickle: bool,
-) -> SourceOptions:
-    return SourceOptions(
+    flags: ConvFlags,
+) -> Source:
+    """Load SOURCE with the shared options every subcommand declares."""
+    options = SourceOptions(
         flags=flags,
         layer=layer,
         bias=bias,
@@ -183,6 +184,7 @@ def source_options(
         model_kwargs=model_kwargs,
         allow_pickle=allow_pickle,
     )
+    return load_source(source, options)
 
 
 def max_memory(text: str | None) -> int | None:

@@ -16,7 +16,7 @@ from convtool.cli.progress import progress
 from convtool.cli.shapes import layer_input_shape
 from convtool.errors import ConvtoolError
 from convtool.io import matrix_files as mf
-from convtool.io.source import check_finite, load_source
+from convtool.io.source import check_finite
 from convtool.io.writers import atomic_outputs, check_target
 from convtool.matrices import bias_vector_for, dense_row_blocks, matrix, matrix_info
 from convtool.render.common import emit_json
@@ -63,21 +63,16 @@ def toeplitz_command(
 
     Example: convtool toeplitz kernel.npy --input-shape 3,7,9 -o T.npy
     """
-    flags = opt.conv_flags(
-        stride, padding, dilation, groups, padding_mode, transposed, output_padding
-    )
     memory_limit = opt.max_memory(max_memory)
     fmt = mf.matrix_format(output, sparse) if output is not None else None
-    src = load_source(
+    src = opt.open_source(
         source,
-        opt.source_options(
-            flags=flags,
-            layer=layer,
-            bias=bias,
-            model=model,
-            model_kwargs=model_kwargs,
-            allow_pickle=allow_pickle,
-        ),
+        layer,
+        bias,
+        model,
+        model_kwargs,
+        allow_pickle,
+        opt.conv_flags(stride, padding, dilation, groups, padding_mode, transposed, output_padding),
     )
     conv = src.select(layer)
     if not allow_nonfinite:

@@ -11,7 +11,7 @@ from convtool.cli.app import EXIT_MISMATCH, EXIT_OK, app
 from convtool.cli.progress import progress
 from convtool.cli.shapes import layer_input_shape
 from convtool.errors import ConvtoolError
-from convtool.io.source import ConvLayer, Source, load_source
+from convtool.io.source import ConvLayer, Source
 from convtool.models import select_layers
 from convtool.render.common import emit_json
 from convtool.render.verify import render_verify_report
@@ -141,20 +141,15 @@ def verify_command(
     resolve_tolerance(torch_dtype, rtol, atol)  # a bad tolerance fails before any loading
     if trials < 0 or seed < 0:
         raise ConvtoolError(f"--trials and --seed must be non-negative, got {trials} and {seed}")
-    flags = opt.conv_flags(
-        stride, padding, dilation, groups, padding_mode, transposed, output_padding
-    )
     memory_limit = opt.max_memory(max_memory)
-    src = load_source(
+    src = opt.open_source(
         source,
-        opt.source_options(
-            flags=flags,
-            layer=layer,
-            bias=bias,
-            model=model,
-            model_kwargs=model_kwargs,
-            allow_pickle=allow_pickle,
-        ),
+        layer,
+        bias,
+        model,
+        model_kwargs,
+        allow_pickle,
+        opt.conv_flags(stride, padding, dilation, groups, padding_mode, transposed, output_padding),
     )
     chosen = _chosen(src, layer, layers)
     pairs, notes = _with_shapes(src, chosen, input_shape)
