@@ -198,12 +198,6 @@ def matrix_shape(spec: ConvSpec, input_shape: Sequence[int]) -> tuple[int, int]:
     return math.prod(spec.output_shape(sample)), math.prod(sample)
 
 
-def nnz(spec: ConvSpec, input_shape: Sequence[int]) -> int:
-    """Structural non-zeros of `T` (taps reading padding removed, coinciding taps merged)."""
-    fwd, tpl = template(spec, input_shape)
-    return int(tpl.rows.numel()) * fwd.out_channels
-
-
 def _check_weight(spec: ConvSpec, weight: Tensor) -> Tensor:
     if tuple(weight.shape) != spec.weight_shape:
         raise ConvtoolError(
@@ -212,6 +206,8 @@ def _check_weight(spec: ConvSpec, weight: Tensor) -> Tensor:
         )
     if not weight.is_floating_point():
         raise ConvtoolError(f"weight must be a floating-point tensor, got dtype {weight.dtype}")
+    if weight.is_meta:
+        raise ConvtoolError("the weight is on the meta device and holds no values; load it first")
     return weight.detach()
 
 
@@ -320,7 +316,8 @@ def _sparse(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "CSR support is in beta": we only build and multiply
             return torch.sparse_csr_tensor(crow, cols, vals, size, check_invariants=False)
-    indices = torch.empty((2, nnz(spec, input_shape)), dtype=torch.int64)
+    fwd, tpl = template(spec, input_shape)
+    indices = torch.empty((2, tpl.rows.numel() * fwd.out_channels), dtype=torch.int64)
     _, _, vals = coo_entries(spec, weight, input_shape, out=indices)
     return torch.sparse_coo_tensor(indices, vals, size, is_coalesced=True, check_invariants=False)
 
@@ -372,7 +369,14 @@ def matrix(
     sparse: bool = False,
     layout: SparseLayout = "coo",
 ) -> Tensor:
-    """`T` for a spec and its weight (see :func:`toeplitz_from_weight`)."""
+    """`T` for a spec and its weight (see :func:`toeplitz_from_weight`).
+
+    The index arithmetic runs on the CPU; for a weight on another device the result is moved
+    there.
+    """
+    if weight.device.type not in ("cpu", "meta"):
+        cpu = weight.detach().cpu()
+        return matrix(spec, cpu, input_shape, sparse=sparse, layout=layout).to(weight.device)
     if sparse:
         return _sparse(spec, weight, input_shape, layout)
     return _dense(spec, weight, input_shape)
