@@ -16,12 +16,12 @@ from convtool.layers import (
     _LocallyConnectedNd,
 )
 from convtool.matrices import SparseLayout, bias_vector_for, matrix, matrix_shape
+from convtool.resources import check_memory
 from convtool.spec import ConvSpec
 
 __all__ = ["to_fully_connected", "to_locally_connected"]
 
 # A dense T bigger than this is refused with a hint to use sparse=True instead.
-MAX_DENSE_BYTES = 4 * 2**30
 
 
 def _weight(conv: nn.Module) -> Tensor:
@@ -103,7 +103,7 @@ def to_fully_connected(
 
     Raises:
         ConvtoolError: for a non-conv module, an input shape the conv rejects, or a dense `T`
-            over ``MAX_DENSE_BYTES`` (use `sparse=True`).
+            that does not fit in available memory (use `sparse=True`).
     """
     spec = ConvSpec.from_module(conv)
     sample = spec.sample_shape(input_shape)
@@ -111,11 +111,11 @@ def to_fully_connected(
     if not sparse:
         rows, cols = matrix_shape(spec, sample)
         size = rows * cols * weight.element_size()
-        if size > MAX_DENSE_BYTES:
-            raise ConvtoolError(
-                f"the dense matrix of {spec.describe()} on input {sample} is {rows} x {cols} "
-                f"({size / 2**30:.1f} GiB); use sparse=True (`--sparse`)"
-            )
+        check_memory(
+            size,
+            f"the dense {rows} x {cols} matrix of {spec.describe()} on input {sample}",
+            "use sparse=True (`--sparse`)",
+        )
     t = matrix(spec, weight, sample, sparse=sparse, layout=layout)
     bias = getattr(conv, "bias", None)
     b = bias_vector_for(spec, bias, sample, weight.dtype) if isinstance(bias, Tensor) else None

@@ -12,7 +12,6 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from convtool import convert
 from convtool.convert import to_fully_connected, to_locally_connected
 from convtool.errors import ConvtoolError
 from convtool.layers import (
@@ -393,11 +392,12 @@ def test_conversion_errors():
         FullyConnected((2, 3), (4,), torch.zeros(4, 5))
 
 
-def test_dense_fc_refuses_a_huge_matrix(monkeypatch):
-    monkeypatch.setattr(convert, "MAX_DENSE_BYTES", 1000)
+def test_dense_fc_refuses_a_matrix_larger_than_memory():
+    # 4 x 256 x 256 in and out: dense T is 256 GiB, more than the machine has; sparse is small
+    conv = nn.Conv2d(4, 4, 3, padding=1)
     with pytest.raises(ConvtoolError, match="sparse=True"):
-        to_fully_connected(nn.Conv2d(2, 2, 3), (2, 8, 8))
-    assert to_fully_connected(nn.Conv2d(2, 2, 3), (2, 8, 8), sparse=True).layout == "csr"
+        to_fully_connected(conv, (4, 256, 256))
+    assert to_fully_connected(conv, (4, 256, 256), sparse=True).layout == "csr"
 
 
 def test_fully_connected_without_a_conv():
