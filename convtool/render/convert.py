@@ -54,7 +54,8 @@ def render_convert(result: dict[str, Any]) -> None:
         )
     before, after = result["params_before"], result["params_after"]
     table.caption = (
-        f"{len(result['layers'])} layer(s) converted; model parameters {before:,} -> {after:,} "
+        f"{len(result['layers'])} layer(s) converted; values stored (parameters and buffers) "
+        f"{before:,} -> {after:,} "
         f"({_ratio(after, before)}); wrote {human_bytes(result['bytes_written'])} as "
         f"{result['format']} in {result['seconds']:.2f} s"
     )
