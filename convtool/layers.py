@@ -38,6 +38,8 @@ __all__ = [
 ]
 
 _SPARSE_LAYOUTS = (torch.sparse_coo, torch.sparse_csr)
+# Batch size up to which the LC input gradient uses the (positions, N, taps) product layout.
+_SMALL_BATCH = 16
 
 
 def _shape_str(shape: Sequence[int]) -> str:
@@ -180,20 +182,24 @@ class _LocallyConnectedFunction(torch.autograd.Function):
         if has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum(0)
         if ctx.needs_input_grad[0]:
-            if n == 1:  # (P*G, 1, K*C_in/g) is (P*G, K*C_in/g, 1); this product is faster
-                gcols = torch.bmm(gy, mat)
+            if n <= _SMALL_BATCH:
+                # bmm writes (P*G, N, C_in/g*K) several times faster than its transpose when N
+                # is small; the tap loop below then reads N with a stride instead.
+                gcols = torch.bmm(gy, mat).view(*out_sp, groups, n, cin_g, *kernel)
+                to_dest = (ndim, ndim + 2, *range(ndim), ndim + 1)
             else:
                 gcols = torch.bmm(mat.transpose(1, 2), gy.transpose(1, 2))
-            gcols = gcols.view(*out_sp, groups, cin_g, *kernel, n)
+                gcols = gcols.view(*out_sp, groups, cin_g, *kernel, n)
+                to_dest = (ndim, ndim + 1, *range(ndim), ndim + 2)
             gxs = grad.new_zeros(groups, cin_g, *padded, n)
             # Undo the windows: one strided add per kernel tap (not per position).
-            to_dest = (ndim, ndim + 1, *range(ndim), ndim + 2)
             for tap in itertools.product(*(range(k) for k in kernel)):
                 window: tuple[Any, ...] = tuple(
                     slice(t * d, t * d + s * (o - 1) + 1, s)
                     for t, d, s, o in zip(tap, dilation, stride, out_sp, strict=True)
                 )
-                taps: tuple[Any, ...] = (*(slice(None),) * (ndim + 2), *tap)
+                lead = ndim + 3 if n <= _SMALL_BATCH else ndim + 2
+                taps: tuple[Any, ...] = (*(slice(None),) * lead, *tap)
                 gxs[(slice(None), slice(None), *window)].add_(gcols[taps].permute(to_dest))
             grad_x = _transpose(gxs, gxs.numel() // n).view(n, groups * cin_g, *padded)
         return grad_x, grad_w, grad_b, None, None, None, None

@@ -186,7 +186,7 @@ def conv_cases(draw: st.DrawFn, transposed_ok: bool) -> tuple[nn.Module, tuple[i
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
-@given(case=conv_cases(transposed_ok=False), n=st.integers(1, 2))
+@given(case=conv_cases(transposed_ok=False), n=st.sampled_from([1, 2, 17]))
 def test_property_lc_equals_conv(case, n):
     conv, shape = case
     lc = to_locally_connected(conv, shape)
@@ -208,6 +208,27 @@ def test_property_fc_equals_conv(case, sparse):
     fc = to_fully_connected(conv, shape, sparse=sparse)
     x = batch(shape, n=2)
     torch.testing.assert_close(fc(x), conv(x), **F64)
+
+
+@pytest.mark.parametrize(
+    "ndim, cin, cout, spatial, k, kw",
+    [
+        (1, 4, 6, (9,), 3, dict(stride=2, dilation=2, groups=2, padding_mode="reflect", padding=2)),
+        (2, 4, 4, (6, 7), (2, 3), dict(dilation=(2, 1), groups=4, padding="same")),
+        (3, 2, 3, (4, 5, 3), 2, dict(padding=1, padding_mode="circular")),
+    ],
+)
+@pytest.mark.parametrize("n", [1, 5, 40])  # both input-gradient layouts (small and large batch)
+def test_lc_gradients_at_every_batch_size(ndim, cin, cout, spatial, k, kw, n):
+    conv = make_conv(ndim, cin, cout, k, **kw)
+    lc = to_locally_connected(conv, (cin, *spatial))
+    x = batch((cin, *spatial), n=n).requires_grad_()
+    x_lc = x.detach().clone().requires_grad_()
+    g = torch.randn_like(conv(x))
+    conv(x).backward(g)
+    lc(x_lc).backward(g)
+    torch.testing.assert_close(x_lc.grad, x.grad, **F64)
+    torch.testing.assert_close(lc.weight.grad.sum(tuple(range(ndim))), conv.weight.grad, **F64)
 
 
 # ----------------------------------------------------------------------------- gradients
