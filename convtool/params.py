@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from convtool.errors import ConvtoolError
+from convtool.io.source import ConvLayer, module_layers
 from convtool.matrices import structural_nnz, tap_count
 from convtool.spec import ConvSpec, is_conv
 
@@ -285,18 +286,6 @@ class ConvLike(Protocol):
 
     @property
     def module(self) -> nn.Module | None: ...
-
-
-@dataclass
-class _Layer:
-    """A plain :class:`ConvLike` built from a live module."""
-
-    name: str
-    spec: ConvSpec
-    weight: Tensor
-    bias: Tensor | None
-    input_shape: tuple[int, ...] | None = None
-    module: nn.Module | None = None
 
 
 @dataclass(frozen=True)
@@ -614,23 +603,6 @@ def _totals(
 
 
 # ---------------------------------------------------------------------------- Python API
-def _layers_of(model: nn.Module) -> list[_Layer]:
-    layers = []
-    for name, module in model.named_modules():
-        if is_conv(module):
-            m: Any = module
-            layers.append(
-                _Layer(
-                    name or type(module).__name__,
-                    ConvSpec.from_module(module),
-                    m.weight,
-                    m.bias,
-                    module=module,
-                )
-            )
-    return layers
-
-
 def count_params(
     model_or_conv: nn.Module,
     example_input_shape: Sequence[int] | Tensor | None = None,
@@ -671,9 +643,9 @@ def count_params(
             shape = tuple(example_input_shape.shape)
         elif example_input_shape is not None:
             shape = tuple(int(s) for s in example_input_shape)
-        layer = _Layer(name, spec, m.weight, m.bias, shape, model_or_conv)
+        layer = ConvLayer(name, spec, m.weight, m.bias, shape, model_or_conv)
         return count_layers([layer], model=model_or_conv, pattern=layers)
-    found = _layers_of(model_or_conv)
+    found = module_layers(model_or_conv)
     if not found:
         raise ConvtoolError(f"{type(model_or_conv).__name__} has no conv layers to count")
     shapes: dict[str, tuple[int, ...] | None] = {}

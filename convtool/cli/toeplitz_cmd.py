@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Annotated, Any
 
-import torch
+import numpy as np
 import typer
 
 from convtool.cli import options as opt
@@ -124,8 +123,6 @@ def _write(
             with progress(rows, "writing rows", not quiet) as advance:
                 mf.write_npy_blocks(temps[0], info.shape, dtype, blocks, advance)
             if bias is not None:
-                import numpy as np
-
                 np.save(temps[1], bias.numpy())
         return
     if fmt == "dense":
@@ -170,8 +167,4 @@ def _write(
         else:  # pragma: no cover - matrix_format already refused it
             raise ConvtoolError(f"unsupported output {str(output)!r}")
         if bias is not None and len(temps) > 1:
-            import numpy as np
-
             np.save(temps[1], bias.numpy())
-    del t
-    _ = math, torch

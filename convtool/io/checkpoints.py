@@ -33,9 +33,9 @@ import torch
 from torch import Tensor, nn
 
 from convtool.errors import ConvtoolError
-from convtool.io.source import ConvLayer, Source, SourceOptions
+from convtool.io.source import ConvLayer, Source, SourceOptions, module_layers
 from convtool.io.tensors import read_tensors, tensors_from_object, torch_load
-from convtool.spec import CONV_TYPES, ConvSpec, build_conv, is_conv
+from convtool.spec import CONV_TYPES, ConvSpec, build_conv
 
 SCRIPT_CONV_NAMES = {cls.__name__: key for cls, key in CONV_TYPES.items()}
 # aten ops that are a convolution; their arguments are read by schema name.
@@ -86,24 +86,6 @@ def detect_format(path: Path) -> str:
     if "constants.pkl" in inner or any(n.startswith("code/") for n in inner):
         return "torchscript"
     return "torch"
-
-
-def module_layers(model: nn.Module) -> list[ConvLayer]:
-    """The `nn.Conv*` modules of an eager model, in `named_modules()` order."""
-    layers = []
-    for name, module in model.named_modules():
-        if is_conv(module):
-            m: Any = module
-            layers.append(
-                ConvLayer(
-                    name=name,
-                    spec=ConvSpec.from_module(module),
-                    weight=m.weight.detach(),
-                    bias=m.bias.detach() if m.bias is not None else None,
-                    module=module,
-                )
-            )
-    return layers
 
 
 # ---------------------------------------------------------------------------------- --model

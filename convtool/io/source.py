@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from convtool.errors import ConvtoolError
 from convtool.io.tensors import check_readable, read_tensors, tensors_from_object
-from convtool.spec import ConvSpec
+from convtool.spec import ConvSpec, is_conv
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,24 @@ class Source:
         raise ConvtoolError(
             f"no conv layer named {name!r} in {str(self.path)!r}; it has {_names(self.layers)}"
         )
+
+
+def module_layers(model: nn.Module) -> list[ConvLayer]:
+    """The `nn.Conv*` modules of an eager model, in `named_modules()` order."""
+    layers = []
+    for name, module in model.named_modules():
+        if is_conv(module):
+            m: Any = module
+            layers.append(
+                ConvLayer(
+                    name=name,
+                    spec=ConvSpec.from_module(module),
+                    weight=m.weight.detach(),
+                    bias=m.bias.detach() if m.bias is not None else None,
+                    module=module,
+                )
+            )
+    return layers
 
 
 def _names(layers: Sequence[ConvLayer], limit: int = 10) -> str:
