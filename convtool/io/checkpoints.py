@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from convtool.errors import ConvtoolError
+from convtool.io.export_archive import load_program
 from convtool.io.source import ConvLayer, Source, SourceOptions, module_layers
 from convtool.io.tensors import read_tensors, tensors_from_object, torch_load
 from convtool.spec import CONV_TYPES, ConvSpec, build_conv
@@ -383,16 +384,10 @@ def quiet() -> Any:
 
 
 # ---------------------------------------------------------------------------------- export
-def load_export(path: Path) -> Source:
-    """A torch.export program (`torch.export.save`, .pt2)."""
-    try:
-        with quiet():
-            program = torch.export.load(str(path))
-    except Exception as exc:
-        raise ConvtoolError(
-            f"cannot read {str(path)!r} as a torch.export program (truncated, or not written by "
-            f"torch.export.save?): {_first_line(exc)}"
-        ) from None
+def load_export(path: Path, *, allow_pickle: bool = False) -> Source:
+    """A torch.export program (`torch.export.save`, .pt2), loaded without unpickling anything
+    beyond `weights_only=True` unless `allow_pickle` (see :mod:`convtool.io.export_archive`)."""
+    program = load_program(path, allow_pickle=allow_pickle)
     return program_source(path, program, "export")
 
 

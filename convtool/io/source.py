@@ -249,7 +249,7 @@ def load_source(path: Path, options: SourceOptions) -> Source:
             f"{options.model!r}"
         )
     if fmt == "export":
-        return _checked(ck.load_export(path), options)
+        return _checked(ck.load_export(path, allow_pickle=options.allow_pickle), options)
     if fmt == "torchscript":
         return _checked(ck.load_torchscript(path), options)
     if options.model is not None:

@@ -22,6 +22,11 @@ def check_target(path: Path, force: bool, inputs: Sequence[Path] = ()) -> None:
         with contextlib.suppress(OSError):
             if path.exists() and path.samefile(source):
                 raise ConvtoolError(f"refusing to write over the input file {str(path)!r}")
+    if path.exists() and not path.is_dir() and not path.is_file():
+        raise ConvtoolError(
+            f"{str(path)!r} exists and is not a regular file (a device, FIFO or socket); convtool "
+            f"only writes regular files"
+        )
     if path.exists() and not force:
         raise ConvtoolError(f"{str(path)!r} already exists; pass --force to overwrite it")
     if path.is_dir():
