@@ -259,7 +259,7 @@ def test_termination_signal_removes_temporary_files(tmp_path: Path, signum: int)
     kernel = tmp_path / "k.npy"
     np.save(kernel, np.ones((16, 16, 3, 3), dtype=np.float32))
     target = tmp_path / "T.npy"
-    # a 256 MiB dense matrix streamed in row blocks: long enough to be caught mid-write
+    # a 324 MiB dense matrix streamed in row blocks: long enough to be caught mid-write
     process = subprocess.Popen(
         [
             sys.executable,
@@ -268,8 +268,8 @@ def test_termination_signal_removes_temporary_files(tmp_path: Path, signum: int)
             "toeplitz",
             kernel,
             "-i",
-            "16,32,32",
-            "-p",
+            "16,24,24",
+            "--padding",
             "1",
             "-o",
             target,
@@ -285,6 +285,7 @@ def test_termination_signal_removes_temporary_files(tmp_path: Path, signum: int)
             break
         time.sleep(0.01)
     if process.poll() is not None:
+        assert process.returncode == 0, process.communicate()[1]
         pytest.skip("the write finished before the signal could be sent")
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=120)
