@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import io
 import json
 import os
 import sys
@@ -35,7 +36,8 @@ from torch import Tensor, nn
 from convtool.errors import ConvtoolError
 from convtool.io.export_archive import load_program
 from convtool.io.source import ConvLayer, Source, SourceOptions, module_layers
-from convtool.io.tensors import read_tensors, tensors_from_object, torch_load
+from convtool.io.tensors import read_bytes, read_tensors, tensors_from_object, torch_load
+from convtool.io.untrusted_ops import audit_script_module, check_script_code
 from convtool.spec import CONV_TYPES, ConvSpec, build_conv
 
 SCRIPT_CONV_NAMES = {cls.__name__: key for cls, key in CONV_TYPES.items()}
@@ -284,15 +286,26 @@ def load_torch_file(path: Path, options: SourceOptions) -> Source | Any:
 
 
 # ---------------------------------------------------------------------------------- TorchScript
-def load_torchscript(path: Path) -> Source:
-    """A TorchScript archive (`torch.jit.save`)."""
+def load_torchscript(path: Path, *, allow_pickle: bool = False) -> Source:
+    """A TorchScript archive (`torch.jit.save`).
+
+    Loading runs the archive's `__setstate__` code and convtool later runs its forward, so unless
+    the user trusts the file (`allow_pickle`), code that calls file-touching operators is refused
+    before loading and the loaded graphs are audited (:mod:`convtool.io.untrusted_ops`). The
+    bytes checked are the bytes loaded.
+    """
+    data = read_bytes(path)
+    if not allow_pickle:
+        check_script_code(data, path)
     try:
         with quiet():  # torch's deprecation notice for TorchScript is not the user's problem
-            model = torch.jit.load(str(path), map_location="cpu")
+            model = torch.jit.load(io.BytesIO(data), map_location="cpu")
     except Exception as exc:
         raise ConvtoolError(
             f"cannot read {str(path)!r} as a TorchScript archive (truncated?): {_first_line(exc)}"
         ) from None
+    if not allow_pickle:
+        audit_script_module(model, path)
     return script_source(path, model)
 
 

@@ -36,6 +36,7 @@ import torch
 
 from convtool.errors import ConvtoolError
 from convtool.io.tensors import read_bytes
+from convtool.io.untrusted_ops import audit_program
 
 # Sizes of the JSON members read here (configs); weights are never inflated by this module.
 _MAX_CONFIG_BYTES = 64 * 1024 * 1024
@@ -198,7 +199,9 @@ def load_program(path: Path, *, allow_pickle: bool = False) -> Any:
         return _torch_export_load(io.BytesIO(data), path)
     check_archive(data, path)
     with _guard():
-        return _torch_export_load(io.BytesIO(data), path)
+        program = _torch_export_load(io.BytesIO(data), path)
+    audit_program(program, path)
+    return program
 
 
 def _torch_export_load(buffer: io.BytesIO, path: Path) -> Any:

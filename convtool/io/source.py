@@ -251,7 +251,7 @@ def load_source(path: Path, options: SourceOptions) -> Source:
     if fmt == "export":
         return _checked(ck.load_export(path, allow_pickle=options.allow_pickle), options)
     if fmt == "torchscript":
-        return _checked(ck.load_torchscript(path), options)
+        return _checked(ck.load_torchscript(path, allow_pickle=options.allow_pickle), options)
     if options.model is not None:
         return _checked(ck.load_state_dict_source(path, options, fmt), options)
     if fmt == "torch":

@@ -293,3 +293,82 @@ def test_termination_signal_removes_temporary_files(tmp_path: Path, signum: int)
     assert "Traceback" not in stderr and stderr.count("\n") == 1
     assert signal.Signals(signum).name in stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k.npy"]
+
+
+# ----------------------------------------------------------------------- TorchScript code
+class _SavesOnLoad(torch.nn.Module):
+    """Its `__setstate__` (run by torch.jit.load) and its forward write a file."""
+
+    def __init__(self, marker: str) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv1d(1, 2, 3)
+        self.marker = marker
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch.ops.aten.save([x], self.marker + ".forward")
+        return self.conv(x)
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[torch.Tensor, str, bool]:
+        return (self.conv.weight, self.marker, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[torch.Tensor, str, bool]) -> None:
+        torch.ops.aten.save([state[0]], state[1])
+        self.marker = state[1]
+        self.training = state[2]
+
+
+class _SavesInForward(torch.nn.Module):
+    def __init__(self, marker: str) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv1d(1, 2, 3)
+        self.marker = marker
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch.ops.aten.save([x], self.marker)
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("module", [_SavesOnLoad, _SavesInForward])
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_torchscript_that_writes_files_is_refused(
+    tmp_path: Path, module: type, command: str
+) -> None:
+    marker = tmp_path / "WRITTEN"
+    evil = tmp_path / "evil.pt"
+    torch.jit.save(torch.jit.script(module(str(marker))), evil)
+    extra = ["-o", tmp_path / "out.pt2"] if command == "convert" else []
+    message = one_line_error(run(command, evil, "-i", "1,1,8", *COMMANDS[command], *extra))
+    assert "torch.save" in message and "--allow-pickle" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.pt"]
+
+
+def test_control_torch_jit_load_writes_the_file(tmp_path: Path) -> None:
+    """The material is live: torch.jit.load itself runs `__setstate__`."""
+    marker = tmp_path / "WRITTEN"
+    evil = tmp_path / "evil.pt"
+    torch.jit.save(torch.jit.script(_SavesOnLoad(str(marker))), evil)
+    marker.unlink(missing_ok=True)
+    with pytest.raises(RuntimeError):  # after __setstate__ ran: this toy leaves `conv` unset
+        torch.jit.load(evil)
+    assert marker.exists()
+
+
+def test_loaded_graph_audits_catch_what_a_text_scan_might_miss(tmp_path: Path) -> None:
+    from convtool.errors import ConvtoolError
+    from convtool.io.untrusted_ops import audit_program, audit_script_module
+
+    scripted = torch.jit.script(_SavesInForward(str(tmp_path / "x")))
+    with pytest.raises(ConvtoolError, match="aten::save"):
+        audit_script_module(scripted, tmp_path / "m.pt")
+    audit_script_module(torch.jit.script(torch.nn.Conv1d(1, 2, 3)), tmp_path / "ok.pt")
+
+    program = torch.export.export(torch.nn.Conv1d(1, 2, 3), (torch.zeros(1, 1, 8),))
+    audit_program(program, tmp_path / "ok.pt2")
+    graph = program.graph_module.graph
+    output = next(n for n in graph.nodes if n.op == "output")
+    with graph.inserting_before(output):
+        graph.call_function(torch.ops.aten.save.default, ([], str(tmp_path / "y")))
+    with pytest.raises(ConvtoolError, match="aten::save"):
+        audit_program(program, tmp_path / "m.pt2")
