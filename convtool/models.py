@@ -32,6 +32,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from convtool.errors import ConvtoolError
+from convtool.forms import ModelTarget, parse
 from convtool.resources import check_memory, human_bytes
 from convtool.spec import ConvSpec, is_conv
 
@@ -45,7 +46,7 @@ _CONV_FUNCTIONS = {
     torch.convolution: "convolution",
     torch._convolution: "_convolution",
 }
-TARGETS = ("lc", "fc")
+TARGETS = tuple(ModelTarget)
 
 
 class FunctionalConvWarning(UserWarning):
@@ -112,7 +113,8 @@ def example_tensor(model: nn.Module, example_input: Tensor | Sequence[int]) -> T
     check_memory(
         2 * nbytes,
         f"running the model on an example input of shape {shape}",
-        "use a smaller --input-shape",
+        "use a smaller `example_input`",
+        params=("example_input",),
     )
     return torch.zeros(shape, dtype=dtype)
 
@@ -129,8 +131,9 @@ def _run(model: nn.Module, x: Tensor) -> Any:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ConvtoolError(
             f"running the model on an input of shape {tuple(x.shape)} failed: "
-            f"{type(exc).__name__}: {text[:200]} (is --input-shape the model's full input, "
-            f"batch included?)"
+            f"{type(exc).__name__}: {text[:200]} (is `example_input` the model's full input, "
+            f"batch included?)",
+            params=("example_input",),
         ) from None
     finally:
         _set_training(model, was_training)
@@ -395,7 +398,8 @@ def select_layers(names: Sequence[str], pattern: str | None) -> list[str]:
     parts = [p.strip() for p in pattern.split(",") if p.strip()]
     if not parts:
         raise ConvtoolError(
-            f"--layers must name layers or globs like 'features.*', got {pattern!r}"
+            f"`layers` must name layers or globs like 'features.*', got {pattern!r}",
+            params=("layers",),
         )
     chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in parts)]
     unmatched = [p for p in parts if not any(fnmatch.fnmatchcase(n, p) for n in names)]
@@ -404,8 +408,9 @@ def select_layers(names: Sequence[str], pattern: str | None) -> list[str]:
             f", ... ({len(names)} in all)" if len(names) > 12 else ""
         )
         raise ConvtoolError(
-            f"--layers {', '.join(repr(p) for p in unmatched)} matches no conv layer; the model "
-            f"has {listing or 'none'}"
+            f"`layers` {', '.join(repr(p) for p in unmatched)} matches no conv layer; the model "
+            f"has {listing or 'none'}",
+            params=("layers",),
         )
     return chosen
 
@@ -463,10 +468,11 @@ def convert_with_report(
     """
     from convtool.convert import to_fully_connected, to_locally_connected
 
-    if to not in TARGETS:
-        raise ConvtoolError(f"to must be 'lc' or 'fc', got {to!r}")
-    if sparse and to != "fc":
-        raise ConvtoolError("sparse=True (--sparse) applies to the fully-connected form: use fc")
+    to = parse(to, ModelTarget)
+    if sparse and to != ModelTarget.FC:
+        raise ConvtoolError(
+            "sparse=True applies to the fully-connected form: use to='fc'", params=("sparse", "to")
+        )
     x = example_tensor(model, example_input)
     if isinstance(model, torch.jit.ScriptModule):
         # Script modules cannot be edited: convert their torch.export graph (a fresh mirror).
@@ -496,7 +502,8 @@ def convert_with_report(
         elif to == "lc" and spec.transposed:
             raise ConvtoolError(
                 f"layer {name!r} is a {spec.kind}, which has no locally-connected form; use "
-                f"--to fc, or leave it out with --layers"
+                f"to='fc', or leave it out with `layers`",
+                params=("to", "layers"),
             )
         else:
             shape = cap.input_shapes[name]
@@ -510,10 +517,10 @@ def convert_with_report(
         total = sum(p[4] for p in plan) + biggest[4]  # + one transient copy while building
         form = {"lc": "locally-connected", "fc": "sparse FC" if sparse else "dense FC"}[to]
         alternative = {
-            "lc": "convert fewer layers with --layers",
-            "fc": "use --to lc, or convert fewer layers with --layers"
+            "lc": "convert fewer layers with `layers`",
+            "fc": "use to='lc', or convert fewer layers with `layers`"
             if sparse
-            else "use --sparse or --to lc, or convert fewer layers with --layers",
+            else "use sparse=True or to='lc', or convert fewer layers with `layers`",
         }[to]
         check_memory(
             total,
@@ -521,6 +528,8 @@ def convert_with_report(
             f"{human_bytes(biggest[4])})",
             alternative,
             memory_limit,
+            params=("layers", "to", "sparse"),
+            limit_param="memory_limit",
         )
     root = converted
     for name, module, spec, shape, _ in plan:
@@ -737,14 +746,16 @@ def _exportable(model: nn.Module, x: Tensor) -> nn.Module:
     for name, module in list(model.named_modules()):
         if id(module) not in holders:
             continue
-        hint = "write .pt or .safetensors instead, or convert without --sparse"
+        hint = "write .pt or .safetensors instead, or convert without sparse=True"
         tensors = _sparse_tensors(module)
         if (
             id(module) not in seen
             or len(tensors) != 1
             or not isinstance(seen[id(module)][1], Tensor)
         ):
-            raise ConvtoolError(f"cannot export the sparse layer {name!r} to .pt2; {hint}")
+            raise ConvtoolError(
+                f"cannot export the sparse layer {name!r} to .pt2; {hint}", params=("sparse",)
+            )
         sample, output = seen[id(module)]
         with torch.no_grad():
             bias = module(torch.zeros_like(sample)).reshape(-1)
@@ -752,7 +763,9 @@ def _exportable(model: nn.Module, x: Tensor) -> nn.Module:
             probe = torch.randn_like(sample)
             same = torch.allclose(swap(probe), module(probe), rtol=1e-5, atol=1e-6)
         if tensors[0].dim() != 2 or not same:
-            raise ConvtoolError(f"cannot export the sparse layer {name!r} to .pt2; {hint}")
+            raise ConvtoolError(
+                f"cannot export the sparse layer {name!r} to .pt2; {hint}", params=("sparse",)
+            )
         root = _replace(root, module, swap)
     return root
 

@@ -413,7 +413,7 @@ def _unique_sum(tensors: Iterable[Tensor], exclude: set[Hashable] | None = None)
 
 
 def _picked(names: Sequence[str], pattern: str | None) -> list[bool]:
-    """Which names a `--layers` pattern picks: shell globs, comma-separated for several.
+    """Which names a `layers` pattern picks: shell globs, comma-separated for several.
 
     Raises:
         ConvtoolError: the pattern matches no name.
@@ -422,13 +422,16 @@ def _picked(names: Sequence[str], pattern: str | None) -> list[bool]:
         return [True] * len(names)
     globs = [p.strip() for p in pattern.split(",") if p.strip()]
     if not globs:
-        raise ConvtoolError(f"--layers pattern {pattern!r} is empty; give e.g. 'layer1.*'")
+        raise ConvtoolError(
+            f"`layers` pattern {pattern!r} is empty; give e.g. 'layer1.*'", params=("layers",)
+        )
     picked = [any(fnmatch.fnmatchcase(n, g) for g in globs) for n in names]
     if not any(picked):
         shown = ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
         raise ConvtoolError(
-            f"--layers {pattern!r} matches no conv layer; names are {shown or 'none'} "
-            f"(globs like 'layer1.*' or 'conv1,conv2' work)"
+            f"layers={pattern!r} matches no conv layer; names are {shown or 'none'} "
+            f"(globs like 'layer1.*' or 'conv1,conv2' work)",
+            params=("layers",),
         )
     return picked
 
@@ -509,7 +512,7 @@ def count_layers(
     if transposed:
         report_notes.append(
             f"{transposed} transposed conv(s) have no LC form: the LC model total keeps them as "
-            f"convs (leave them out of `convtool convert --to lc` with --layers)"
+            f"convs (leave them out when converting a model to LC)"
         )
     if not non_conv_known:
         report_notes.append("the model itself is not available: non-conv parameters are unknown")

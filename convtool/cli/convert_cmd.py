@@ -13,6 +13,7 @@ from convtool.cli import options as opt
 from convtool.cli.app import app
 from convtool.cli.progress import progress
 from convtool.errors import ConvtoolError
+from convtool.forms import ModelTarget
 from convtool.io import model_files as mfiles
 from convtool.io.source import Source, check_finite
 from convtool.io.writers import atomic_outputs, check_target
@@ -23,9 +24,10 @@ from convtool.resources import check_disk
 from convtool.spec import build_conv
 
 ToOpt = Annotated[
-    str,
+    ModelTarget,
     typer.Option(
         "--to",
+        case_sensitive=False,
         help="lc: locally connected (one kernel copy per output position); fc: fully "
         "connected (the exact matrix T).",
         show_default=False,
@@ -111,10 +113,8 @@ def convert_command(
     Example: convtool convert weights.pt --model mypkg.nets:make_net --input-shape 1,3,32,32
     --to lc -o net_lc.pt2
     """
-    target = to.strip().lower()
-    if target not in ("lc", "fc"):
-        raise ConvtoolError(f"--to must be lc or fc, got {to!r}")
-    if sparse and target != "fc":
+    target = to
+    if sparse and target != ModelTarget.FC:
         raise ConvtoolError("--sparse applies to --to fc (an LC layer stores only its taps)")
     fmt = mfiles.model_format(output)
     inputs = [p for p in (source, bias) if p is not None]

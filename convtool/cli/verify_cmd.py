@@ -11,12 +11,12 @@ from convtool.cli.app import EXIT_MISMATCH, EXIT_OK, app
 from convtool.cli.progress import progress
 from convtool.cli.shapes import layer_input_shape
 from convtool.errors import ConvtoolError
+from convtool.forms import Target
 from convtool.io.source import ConvLayer, Source
 from convtool.models import select_layers
 from convtool.render.common import emit_json
 from convtool.render.verify import render_verify_report
 from convtool.verification import (
-    TARGETS,
     FormCheck,
     form_names,
     model_form_names,
@@ -26,9 +26,10 @@ from convtool.verification import (
 )
 
 ToOpt = Annotated[
-    str,
+    Target,
     typer.Option(
         "--to",
+        case_sensitive=False,
         help="Forms to check: toeplitz (T @ x + b, dense and sparse), lc, fc (dense and "
         "sparse), or all.",
     ),
@@ -101,7 +102,7 @@ def _example_shape(src: Source, input_shape: str | None) -> tuple[int, ...] | No
 def verify_command(
     source: opt.SourceArg,
     input_shape: opt.InputShapeOpt = None,
-    to: ToOpt = "all",
+    to: ToOpt = Target.ALL,
     dtype: DtypeOpt = "float64",
     trials: TrialsOpt = 3,
     seed: SeedOpt = 0,
@@ -135,8 +136,6 @@ def verify_command(
         raise ConvtoolError(
             f"--layer {layer!r} and --layers {layers!r} both given; use --layers for several"
         )
-    if to not in TARGETS:
-        raise ConvtoolError(f"--to must be one of {', '.join(TARGETS)}, got {to!r}")
     torch_dtype = parse_dtype(dtype)
     resolve_tolerance(torch_dtype, rtol, atol)  # a bad tolerance fails before any loading
     if trials < 0 or seed < 0:

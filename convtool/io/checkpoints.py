@@ -96,12 +96,12 @@ def _kwargs(text: str | None) -> dict[str, Any]:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConvtoolError(
-            f"--model-kwargs must be a JSON object like '{{\"num_classes\": 10}}', got {text!r} "
+            f"`model_kwargs` must be a JSON object like '{{\"num_classes\": 10}}', got {text!r} "
             f"({exc.msg})"
         ) from None
     if not isinstance(value, dict):
         raise ConvtoolError(
-            f"--model-kwargs must be a JSON object like '{{\"num_classes\": 10}}', got {text!r}"
+            f"`model_kwargs` must be a JSON object like '{{\"num_classes\": 10}}', got {text!r}"
         )
     return value
 
@@ -114,10 +114,10 @@ def _import(module_name: str, target: str) -> Any:
         if module_name.endswith(".py"):
             file = Path(module_name)
             if not file.is_file():
-                raise ConvtoolError(f"--model {target!r}: the file {module_name!r} does not exist")
+                raise ConvtoolError(f"model={target!r}: the file {module_name!r} does not exist")
             spec = importlib.util.spec_from_file_location(file.stem, file)
             if spec is None or spec.loader is None:
-                raise ConvtoolError(f"--model {target!r}: cannot import {module_name!r}")
+                raise ConvtoolError(f"model={target!r}: cannot import {module_name!r}")
             module = importlib.util.module_from_spec(spec)
             sys.modules[file.stem] = module
             spec.loader.exec_module(module)
@@ -127,18 +127,18 @@ def _import(module_name: str, target: str) -> Any:
         raise
     except ModuleNotFoundError as exc:
         raise ConvtoolError(
-            f"--model {target!r}: cannot import {module_name!r} ({exc}); run convtool from the "
+            f"model={target!r}: cannot import {module_name!r} ({exc}); run convtool from the "
             f"folder that holds it or add that folder to PYTHONPATH"
         ) from None
     except Exception as exc:
         raise ConvtoolError(
-            f"--model {target!r}: importing {module_name!r} failed: {type(exc).__name__}: "
+            f"model={target!r}: importing {module_name!r} failed: {type(exc).__name__}: "
             f"{_first_line(exc)}"
         ) from None
 
 
 def import_model(target: str, kwargs_json: str | None = None) -> nn.Module:
-    """Build the architecture named by `--model MODULE:CALLABLE [--model-kwargs JSON]`.
+    """Build the architecture named by `model="MODULE:CALLABLE"` (and `model_kwargs`, JSON).
 
     MODULE is imported with the current folder on `sys.path` (or is a path to a .py file);
     CALLABLE may be dotted (`Net.small`) and must return an `nn.Module` (an `nn.Module` instance
@@ -147,30 +147,30 @@ def import_model(target: str, kwargs_json: str | None = None) -> nn.Module:
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name.strip() or not attr.strip():
         raise ConvtoolError(
-            f"--model must be MODULE:CALLABLE, e.g. mypackage.models:make_model, got {target!r}"
+            f"`model` must be MODULE:CALLABLE, e.g. mypackage.models:make_model, got {target!r}"
         )
     kwargs = _kwargs(kwargs_json)
     obj = _import(module_name.strip(), target)
     for part in attr.strip().split("."):
         if not hasattr(obj, part):
-            raise ConvtoolError(f"--model {target!r}: {module_name!r} has no attribute {part!r}")
+            raise ConvtoolError(f"model={target!r}: {module_name!r} has no attribute {part!r}")
         obj = getattr(obj, part)
     if isinstance(obj, nn.Module):
         if kwargs:
-            raise ConvtoolError(f"--model {target!r} is a module instance; drop --model-kwargs")
+            raise ConvtoolError(f"model={target!r} is a module instance; drop `model_kwargs`")
         return obj
     if not callable(obj):
-        raise ConvtoolError(f"--model {target!r} is a {type(obj).__name__}, not a callable")
+        raise ConvtoolError(f"model={target!r} is a {type(obj).__name__}, not a callable")
     try:
         model = obj(**kwargs)
     except Exception as exc:
         raise ConvtoolError(
-            f"--model {target!r}: calling it with {kwargs or 'no arguments'} failed: "
+            f"model={target!r}: calling it with {kwargs or 'no arguments'} failed: "
             f"{type(exc).__name__}: {_first_line(exc)}"
         ) from None
     if not isinstance(model, nn.Module):
         raise ConvtoolError(
-            f"--model {target!r} returned a {type(model).__name__}, not a torch.nn.Module"
+            f"model={target!r} returned a {type(model).__name__}, not a torch.nn.Module"
         )
     return model
 
@@ -218,8 +218,7 @@ def fit_state_dict(model: nn.Module, tensors: dict[str, Tensor], path: Path, tar
         problems.append(f"shape mismatches: {_listing(shapes, 3)}")
     if problems:
         raise ConvtoolError(
-            f"the state_dict in {str(path)!r} does not fit --model {target!r}: "
-            f"{'; '.join(problems)}"
+            f"the state_dict in {str(path)!r} does not fit model={target!r}: {'; '.join(problems)}"
         )
     floats = {v.dtype for v in tensors.values() if v.is_floating_point()}
     if len(floats) == 1:  # keep the checkpoint's precision (a float64 file stays float64)
@@ -228,7 +227,7 @@ def fit_state_dict(model: nn.Module, tensors: dict[str, Tensor], path: Path, tar
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
         raise ConvtoolError(
-            f"the state_dict in {str(path)!r} does not fit --model {target!r}: {_first_line(exc)}"
+            f"the state_dict in {str(path)!r} does not fit model={target!r}: {_first_line(exc)}"
         ) from None
 
 
@@ -239,7 +238,7 @@ def eager_source(path: Path, model: nn.Module, kind: str) -> Source:
 
 
 def load_state_dict_source(path: Path, options: SourceOptions, fmt: str) -> Source:
-    """A state_dict (.pt/.pth/.safetensors/.npz) loaded into `--model`'s architecture."""
+    """A state_dict (.pt/.pth/.safetensors/.npz) loaded into `model`'s architecture."""
     assert options.model is not None
     if fmt == "torch":
         obj = torch_load(path, allow_pickle=options.allow_pickle)
@@ -250,7 +249,7 @@ def load_state_dict_source(path: Path, options: SourceOptions, fmt: str) -> Sour
         contents = read_tensors(path)
     if isinstance(contents, Tensor):
         raise ConvtoolError(
-            f"{str(path)!r} holds a single tensor, not a state_dict; drop --model to use it as a "
+            f"{str(path)!r} holds a single tensor, not a state_dict; drop `model` to use it as a "
             f"kernel"
         )
     model = import_model(options.model, options.model_kwargs)
@@ -352,7 +351,7 @@ def script_to_program(model: Any, example: Tensor) -> Any:
     except ImportError:  # pragma: no cover - torch < 2.4
         raise ConvtoolError(
             "this torch cannot turn a TorchScript archive into an editable graph; save the "
-            "model's state_dict (and pass --model) or a torch.export .pt2 instead"
+            "model's state_dict (and pass `model`) or a torch.export .pt2 instead"
         ) from None
     try:
         with quiet():
@@ -360,7 +359,7 @@ def script_to_program(model: Any, example: Tensor) -> Any:
     except Exception as exc:
         raise ConvtoolError(
             f"cannot rebuild the TorchScript model as a torch.export graph: {_first_line(exc)}; "
-            f"save its state_dict (and pass --model) or a torch.export .pt2 instead"
+            f"save its state_dict (and pass `model`) or a torch.export .pt2 instead"
         ) from None
 
 
