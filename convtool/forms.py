@@ -64,7 +64,9 @@ def parse(value: str | E, kind: type[E], param: str = "to") -> E:
     except ValueError:
         names = [repr(m.value) for m in kind]
         allowed = f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
-        raise ConvtoolError(f"`{param}` must be {allowed}, got {value!r}", params=(param,)) from None
+        raise ConvtoolError(
+            f"`{param}` must be {allowed}, got {value!r}", params=(param,)
+        ) from None
 
 
 def forms_of(to: str | Target) -> tuple[Form, ...]:
