@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from convtool import sizes
 from convtool.errors import ConvtoolError
 from convtool.forms import ModelTarget, parse
 from convtool.resources import check_memory, human_bytes
@@ -383,11 +384,11 @@ def stored_size(module: nn.Module) -> tuple[int, int]:
         elif t.layout == torch.sparse_coo:
             n = t._nnz()
             entries += n
-            nbytes += n * (t.element_size() + 8 * t.sparse_dim())
+            nbytes += sizes.coo_bytes(n, t.element_size(), t.sparse_dim())
         else:  # CSR/CSC/BSR: values + plain indices + compressed pointers
             values = t.values()
             entries += values.numel()
-            nbytes += values.numel() * (t.element_size() + 8) + 8 * (t.shape[0] + 1)
+            nbytes += sizes.csr_bytes(values.numel(), t.shape[0], t.element_size())
     return entries, nbytes
 
 
@@ -424,11 +425,11 @@ def _estimate_bytes(
     out = spec.output_shape(shape)
     if to == "lc":
         taps = (spec.in_channels // spec.groups) * spec.kernel_numel
-        return (math.prod(out) * taps + math.prod(out)) * itemsize
+        return sizes.lc_entries(out[0], out[1:], taps) * itemsize
     info = matrix_info(spec, shape, _dtype_of(itemsize))
     bias = math.prod(out) * itemsize
     if sparse:  # COO indices while building, CSR kept
-        return info.nnz * (itemsize + 16) + info.csr_bytes + bias
+        return sizes.coo_bytes(info.nnz, itemsize) + info.csr_bytes + bias
     return info.dense_bytes + bias
 
 
@@ -486,7 +487,7 @@ def convert_with_report(
     conv_names.sort(key=lambda n: called.get(n, len(called)))  # in the order the model runs
     pattern = layers if layers is None or isinstance(layers, str) else ",".join(layers)
     chosen = select_layers(conv_names, pattern)
-    report = ConversionReport(to, sparse, tuple(x.shape), functional=list(cap.functional))
+    report = ConversionReport(to.value, sparse, tuple(x.shape), functional=list(cap.functional))
     report.params_before = stored_size(converted)[0]
     plan: list[tuple[str, nn.Module, ConvSpec, tuple[int, ...], int]] = []
     for name in chosen:

@@ -40,14 +40,14 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from convtool import sizes
 from convtool.errors import ConvtoolError
+from convtool.forms import Form
 from convtool.io.source import ConvLayer, module_layers
 from convtool.matrices import structural_nnz, tap_count
 from convtool.spec import ConvSpec, is_conv
 
-INDEX_BYTES = 8  # CSR column indices and row pointers are int64
-
-FORMS = ("conv", "lc", "fc_dense", "fc_sparse")
+FORMS = (Form.CONV, Form.LC, Form.FC_DENSE, Form.FC_SPARSE)
 
 NO_LC_TRANSPOSED = "no locally-connected form exists for a transposed conv"
 
@@ -149,7 +149,7 @@ class LayerCounts:
             return None
         nnz, rows = self.fc_sparse_macs, self.matrix_shape[0]
         bias = self.bias_elements or 0
-        return nnz * (self.itemsize + INDEX_BYTES) + (rows + 1) * INDEX_BYTES + bias * self.itemsize
+        return sizes.csr_bytes(nnz, rows, self.itemsize) + bias * self.itemsize
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict: exact integers, shapes as lists, None for unknown."""
@@ -545,25 +545,25 @@ def _totals(
     # Distinct modules only: a module listed twice is converted once.
     distinct = [c.shared_with is None for c in counts]
 
-    def model_total(form: str) -> tuple[int | None, int | None, int | None]:
+    def model_total(form: Form) -> tuple[int | None, int | None, int | None]:
         """(params, bytes, macs) of the model with the listed layers in `form`."""
         stay: list[Tensor] = []
         params: list[int | None] = []
         nbytes: list[int | None] = []
         macs: list[int | None] = []
         for layer, c, p, d in zip(layers, counts, picked, distinct, strict=True):
-            converts = p and d and not (form == "lc" and layer.spec.transposed)
+            converts = p and d and not (form == Form.LC and layer.spec.transposed)
             if not converts:
                 if d:
                     stay.extend(_tensors(layer))
                 if p and d:
                     macs.append(c.conv_macs)
                 continue
-            if form == "lc":
+            if form == Form.LC:
                 params.append(c.lc_params)
                 nbytes.append(c.lc_bytes)
                 macs.append(c.lc_macs)
-            elif form == "fc_dense":
+            elif form == Form.FC_DENSE:
                 params.append(c.fc_params)
                 nbytes.append(c.fc_dense_bytes)
                 macs.append(c.fc_dense_macs)
@@ -579,9 +579,9 @@ def _totals(
         )
         return total_p, total_b, _sum(macs)
 
-    lc_p, lc_b, lc_m = model_total("lc")
-    fc_p, fc_b, fc_m = model_total("fc_dense")
-    sp_p, sp_b, sp_m = model_total("fc_sparse")
+    lc_p, lc_b, lc_m = model_total(Form.LC)
+    fc_p, fc_b, fc_m = model_total(Form.FC_DENSE)
+    sp_p, sp_b, sp_m = model_total(Form.FC_SPARSE)
     orig_macs = _sum(
         c.conv_macs for c, p, d in zip(counts, picked, distinct, strict=True) if p and d
     )

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from convtool import convert, models
+from convtool import convert, models, sizes
 from convtool.compare import (
     Comparison,
     Tolerance,
@@ -381,8 +381,7 @@ def _too_big(need: int, budget: int) -> str:
 
 
 def _sparse_need(nnz: int, rows: int, itemsize: int) -> int:
-    # indices + values while building, plus one copy while converting (as `convtool toeplitz`)
-    return 2 * nnz * (16 + itemsize) + 8 * (rows + 1)
+    return sizes.sparse_build_bytes(nnz, rows, itemsize)
 
 
 def _io_bytes(run: _LayerRun) -> int:

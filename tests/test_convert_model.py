@@ -57,7 +57,7 @@ def test_converted_model_equals_original(case: str, to: str, sparse: bool) -> No
     x = inputs(shape)
     expected = model(x)
     if to == "lc" and case == "transposed":
-        with pytest.raises(ConvtoolError, match=r"'up' is a ConvTranspose2d.*--to fc"):
+        with pytest.raises(ConvtoolError, match=r"'up' is a ConvTranspose2d.*to='fc'"):
             convert_model(model, shape, to=to)
         return
     converted = convert_model(model, shape, to=to, sparse=sparse)

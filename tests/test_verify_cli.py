@@ -115,7 +115,7 @@ def test_small_max_memory_samples_rows(tmp_path: Path) -> None:
     ("args", "message"),
     [
         (["--rtol", "1e-3"], "--rtol was given without --atol"),
-        (["--to", "conv"], "--to must be one of"),
+        (["--to", "conv"], "Invalid value for '--to'"),
         (["--dtype", "int8"], "dtype must be float32 or float64"),
         (["--trials", "-1"], "must be non-negative"),
         (["--layers", "nope*"], "matches no conv layer"),
