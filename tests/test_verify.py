@@ -397,14 +397,3 @@ def test_conv_layer_record_and_json() -> None:
     for key in ("name", "form", "max_abs_error", "max_rel_error", "passed"):
         assert key in entry
     assert entry["name"] == "k" and entry["tolerance_source"].startswith("torch.testing")
-
-
-def test_verify_does_not_import_typer_or_rich() -> None:
-    import subprocess
-    import sys
-
-    code = (
-        "import sys, convtool.verification; print(any(m in sys.modules for m in ('typer','rich')))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
