@@ -51,6 +51,15 @@ def _rewrite(text: str, name: str, flag: str, assignments: bool) -> str:
     return text
 
 
+def cli_text(text: str) -> str:
+    """Library text shown by the CLI (notes, warnings): backticked parameters and
+    `name=value` examples said as flags (`` `input_shape` `` -> `--input-shape`)."""
+    for name, flag in flags().items():
+        if name in text:
+            text = _rewrite(text, name, flag, assignments=True)
+    return text
+
+
 def cli_message(exc: ConvtoolError) -> str:
     """`exc`'s message with its parameters spelled as flags.
 
