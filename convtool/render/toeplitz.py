@@ -1,10 +1,12 @@
 """The `convtool toeplitz` summary, from a :class:`~convtool.describe.ToeplitzResult`.
 
-Two columns (what, value); a value longer than the width wraps at spaces (never inside a
-number and its unit: each is one cell line).
+Two columns (what, value); a value longer than the width wraps at its spaces, which never fall
+inside a number and its unit or inside a tuple.
 """
 
 from __future__ import annotations
+
+import re
 
 from rich import box
 from rich.console import Console
@@ -31,7 +33,8 @@ def render_matrix_summary(result: ToeplitzResult, console: Console | None = None
     table.add_column("what", style="bold", no_wrap=True)
     table.add_column("value")
     table.add_row("layer", Text(result.name))
-    table.add_row("conv", Text(info.layer))
+    # "(3, 3)" -> "(3,3)": a line may break between arguments, never inside a tuple
+    table.add_row("conv", Text(re.sub(r",\s(?=-?\d)", ",", info.layer)))
     table.add_row("input shape", shape_str(info.input_shape))
     table.add_row("output shape", shape_str(info.output_shape))
     table.add_row("matrix shape", f"{rows} x {cols} ({human_count(rows * cols)} entries)")
