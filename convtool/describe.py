@@ -276,9 +276,9 @@ def inspect_source(
     notes = list(src.notes)
     if cap is not None:
         fate = (
-            "converting rewrites it through the torch.export graph"
+            "convert rewrites it through the torch.export graph"
             if src.kind == "torchscript"
-            else "converting leaves it as it is"
+            else "convert leaves it as it is"
         )
         notes += [
             f"conv call that is not an nn.Conv module: {f.describe()}; {fate}"
