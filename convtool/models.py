@@ -423,7 +423,7 @@ def _estimate_bytes(
     from convtool.matrices import matrix_info
 
     out = spec.output_shape(shape)
-    if to == "lc":
+    if to == ModelTarget.LC:
         taps = (spec.in_channels // spec.groups) * spec.kernel_numel
         return sizes.lc_entries(out[0], out[1:], taps) * itemsize
     info = matrix_info(spec, shape, _dtype_of(itemsize))
@@ -452,7 +452,7 @@ def convert_with_report(
     model: nn.Module,
     example_input: Tensor | Sequence[int],
     *,
-    to: str = "lc",
+    to: str = ModelTarget.LC,
     sparse: bool = False,
     layers: str | Sequence[str] | None = None,
     memory_limit: int | None = None,
@@ -500,7 +500,7 @@ def convert_with_report(
             report.skipped[name] = f"it is called on several input shapes ({seen})"
         elif name in cap.custom:
             report.skipped[name] = "its forward is not a plain conv with its own weight"
-        elif to == "lc" and spec.transposed:
+        elif to == ModelTarget.LC and spec.transposed:
             raise ConvtoolError(
                 f"layer {name!r} is a {spec.kind}, which has no locally-connected form; use "
                 f"to='fc', or leave it out with `layers`",
@@ -516,10 +516,13 @@ def convert_with_report(
     if plan:
         biggest = max(plan, key=lambda p: p[4])
         total = sum(p[4] for p in plan) + biggest[4]  # + one transient copy while building
-        form = {"lc": "locally-connected", "fc": "sparse FC" if sparse else "dense FC"}[to]
+        form = {
+            ModelTarget.LC: "locally-connected",
+            ModelTarget.FC: "sparse FC" if sparse else "dense FC",
+        }[to]
         alternative = {
-            "lc": "convert fewer layers with `layers`",
-            "fc": "use to='lc', or convert fewer layers with `layers`"
+            ModelTarget.LC: "convert fewer layers with `layers`",
+            ModelTarget.FC: "use to='lc', or convert fewer layers with `layers`"
             if sparse
             else "use sparse=True or to='lc', or convert fewer layers with `layers`",
         }[to]
@@ -535,7 +538,7 @@ def convert_with_report(
     root = converted
     for name, module, spec, shape, _ in plan:
         new: nn.Module
-        if to == "lc":
+        if to == ModelTarget.LC:
             new = to_locally_connected(module, shape)
         else:
             new = to_fully_connected(module, shape, sparse=sparse)
@@ -564,7 +567,7 @@ def convert_with_report(
 def convert_model(
     model: nn.Module,
     example_input: Tensor | Sequence[int],
-    to: str = "lc",
+    to: str = ModelTarget.LC,
     sparse: bool = False,
     layers: str | Sequence[str] | None = None,
 ) -> nn.Module:
@@ -627,7 +630,7 @@ def load_converted(model: nn.Module, path: str | Path) -> nn.Module:
         if not is_conv(module):
             raise ConvtoolError(f"layer {name!r} of this model is not a conv; wrong architecture?")
         new: nn.Module
-        if to == "lc":
+        if to == ModelTarget.LC:
             new = to_locally_connected(module, shape)
         else:
             new = to_fully_connected(module, shape, sparse=sparse)

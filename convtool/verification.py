@@ -44,7 +44,7 @@ from convtool.compare import (
     resolve_tolerance,
 )
 from convtool.errors import ConvtoolError
-from convtool.forms import Form, Target, forms_of, model_forms_of
+from convtool.forms import Form, ModelTarget, Target, forms_of, model_forms_of
 from convtool.io.source import ConvLayer
 from convtool.matrices import bias_vector_for, coo_entries, matrix, matrix_info
 from convtool.resources import available_memory, human_bytes
@@ -292,7 +292,7 @@ def check_layer(
     layer: ConvLayer | nn.Module,
     input_shape: Sequence[int],
     *,
-    to: str = "all",
+    to: str = Target.ALL,
     dtype: torch.dtype | str = torch.float64,
     trials: int = 3,
     seed: int = 0,
@@ -578,7 +578,7 @@ def check_model(
     model: nn.Module,
     example_shape: Sequence[int],
     *,
-    to: str = "all",
+    to: str = Target.ALL,
     dtype: torch.dtype | str = torch.float64,
     trials: int = 3,
     seed: int = 0,
@@ -664,8 +664,9 @@ def _model_need(run: _ModelRun, form: str, names: set[str]) -> int:
 
 def _model_form(run: _ModelRun, form: str) -> FormCheck:
     names = set(run.layers) if run.layers is not None else _conv_names(run.reference)
-    to, sparse = ("lc", False) if form == Form.LC else ("fc", form == Form.FC_SPARSE)
-    kept = _transposed_names(run.reference, names) if to == "lc" else []
+    to = ModelTarget.LC if form == Form.LC else ModelTarget.FC
+    sparse = form == Form.FC_SPARSE
+    kept = _transposed_names(run.reference, names) if to == ModelTarget.LC else []
     names -= set(kept)
     notes = [f"transposed convs have no LC form, kept: {', '.join(kept)}"] if kept else []
     if not names:
@@ -716,7 +717,7 @@ def verify_layers(
     *,
     model: nn.Module | None = None,
     example_shape: Sequence[int] | None = None,
-    to: str = "all",
+    to: str = Target.ALL,
     dtype: torch.dtype | str = torch.float64,
     trials: int = 3,
     seed: int = 0,
@@ -789,7 +790,7 @@ def verify(
     target: nn.Module | ConvLayer,
     input_shape: Sequence[int],
     *,
-    to: str = "all",
+    to: str = Target.ALL,
     dtype: torch.dtype | str = torch.float64,
     trials: int = 3,
     seed: int = 0,

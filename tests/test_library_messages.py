@@ -18,12 +18,15 @@ import torch
 from torch import nn
 
 import convtool
-from convtool import forms, resources
+from convtool import describe, forms, matrix_output, resources
 from convtool.errors import ConvtoolError
 from convtool.io import checkpoints, matrix_files, writers
 from convtool.io.source import ConvFlags, SourceOptions, check_finite, load_source
+from convtool.matrices import matrix_info
 from convtool.models import convert_with_report, select_layers
 from convtool.params import count_layers
+from convtool.spec import ConvSpec
+from tests.golden_models import make_long_names
 
 FLAG = re.compile(r"(?<![\w-])--?[a-z][\w-]*")  # --max-memory, -o
 
@@ -70,6 +73,21 @@ def _existing(tmp_path: Path) -> None:
     out = tmp_path / "exists.npy"
     out.write_bytes(b"x")
     writers.check_target(out, force=False)
+
+
+def _kernel_source(p: Path) -> Any:
+    path = p / "one.npy"
+    np.save(path, np.ones((2, 3, 3, 3), dtype=np.float32))
+    return load_source(path, SourceOptions())
+
+
+def _model_source(p: Path) -> Any:
+    torch.save(make_long_names().state_dict(), p / "net.pt")
+    return load_source(p / "net.pt", SourceOptions(model="tests.golden_models:make_long_names"))
+
+
+def _info() -> Any:
+    return matrix_info(ConvSpec.from_module(nn.Conv2d(3, 4, 3)), (3, 16, 16), torch.float32)
 
 
 BIG = nn.Conv2d(64, 64, 3)  # its dense T on (64, 512, 512) is about 280 TB
@@ -123,6 +141,24 @@ CASES: dict[str, Callable[[Path], Any]] = {
         SourceOptions(flags=ConvFlags(groups=2)),
     ),
     "nonfinite weights": lambda p: _nonfinite(),
+    "kernel without input shape": lambda p: describe.layer_input_shape(
+        src := _kernel_source(p), src.layers[0], None
+    ),
+    "kernel wrong input shape": lambda p: describe.inspect_source(_kernel_source(p), (5, 8, 8)),
+    "model without input shape": lambda p: describe.layer_input_shape(
+        src := _model_source(p), src.layers[0], None
+    ),
+    "model wrong input shape": lambda p: describe.count_shapes(_model_source(p), (1, 9, 8, 8)),
+    "inspect unknown layer": lambda p: describe.inspect_source(_model_source(p), None, "nope"),
+    "dense npy over budget": lambda p: matrix_output.check_budget(
+        p / "T.npy", "dense", _info(), max_memory=10
+    ),
+    "dense pt over budget": lambda p: matrix_output.check_budget(
+        p / "T.pt", "dense", _info(), max_memory=10
+    ),
+    "sparse over budget": lambda p: matrix_output.check_budget(
+        p / "T.npz", "sparse", _info(), max_memory=10
+    ),
 }
 
 

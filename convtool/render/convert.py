@@ -10,6 +10,7 @@ from typing import Any
 from rich.console import Console
 
 from convtool.describe import FORMAT_NAMES, ConvertResult
+from convtool.forms import ModelTarget
 from convtool.render.common import (
     Col,
     dropped_note,
@@ -35,8 +36,10 @@ def render_convert(result: ConvertResult, console: Console | None = None) -> Non
     """One row per converted layer with its parameter change, then the model's totals."""
     out = console or stdout()
     report = result.report
-    form = {"lc": "locally connected", "fc": "fully connected"}[str(report.to)]
-    if report.to == "fc":
+    form = {ModelTarget.LC: "locally connected", ModelTarget.FC: "fully connected"}[
+        ModelTarget(report.to)
+    ]
+    if report.to == ModelTarget.FC:
         form += ", sparse" if report.sparse else ", dense"
     cols = [
         Col("layer", name=True, style="bold"),
