@@ -81,7 +81,8 @@ def toeplitz_command(
         paths = targets(output, conv, force, inputs)  # before any work: a refusal costs nothing
         check_budget(output, fmt, info, memory_limit)
         started = time.perf_counter()
-        with progress(info.shape[0], "writing rows", not json_out) as advance:
+        streamed = fmt == "dense" and output.suffix.lower() == ".npy"  # the only long write
+        with progress(info.shape[0], "writing rows", streamed and not json_out) as advance:
             write_matrix(conv, shape, info, paths, fmt, force=force, inputs=inputs, advance=advance)
         result = replace(
             result,
