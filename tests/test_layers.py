@@ -401,7 +401,7 @@ def test_forward_rejects_wrong_inputs_in_one_line():
 
 
 def test_conversion_errors():
-    with pytest.raises(ConvtoolError, match=r"Conv1d/2d/3d.*--to fc"):
+    with pytest.raises(ConvtoolError, match=r"Conv1d/2d/3d.*to_fully_connected"):
         to_locally_connected(nn.ConvTranspose2d(2, 2, 3), (2, 5, 5))
     with pytest.raises(ConvtoolError, match=r"expected an nn\.Conv"):
         to_locally_connected(nn.Linear(2, 2), (2, 5))

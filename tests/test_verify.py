@@ -367,7 +367,7 @@ def test_model_end_to_end_catches_a_wrong_conversion(monkeypatch: pytest.MonkeyP
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(rtol=1e-3), "--rtol was given without --atol"),
+        (dict(rtol=1e-3), "`rtol` was given without `atol`"),
         (dict(atol=-1.0, rtol=0.0), "atol must be a finite non-negative"),
         (dict(dtype="float16"), "dtype must be float32 or float64"),
         (dict(to="bogus"), "`to` must be .toeplitz., .lc., .fc. or .all."),
