@@ -8,6 +8,7 @@ import typer
 
 from convtool.cli import options as opt
 from convtool.cli.app import EXIT_MISMATCH, EXIT_OK, app
+from convtool.cli.flags import cli_message
 from convtool.cli.progress import progress
 from convtool.cli.shapes import layer_input_shape
 from convtool.errors import ConvtoolError
@@ -86,7 +87,7 @@ def _with_shapes(
         except ConvtoolError as exc:
             if not src.is_model or len(chosen) == 1:
                 raise
-            notes.append(f"not checked: {exc}")
+            notes.append(f"not checked: {cli_message(exc)}")
     if not pairs:
         raise ConvtoolError(f"no conv layer could be checked: {'; '.join(notes)}")
     return pairs, notes
