@@ -18,6 +18,7 @@ import typer
 from typer.core import TyperGroup
 
 from convtool import __version__
+from convtool.cli.flags import cli_message
 from convtool.errors import ConvtoolError
 
 EXIT_OK, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
@@ -92,7 +93,7 @@ class _Group(TyperGroup):
         except ConvtoolError as exc:
             if _debug_requested(argv):
                 traceback.print_exc()
-            _fail(str(exc))
+            _fail(cli_message(exc))  # the library's parameters, said as flags
         except KeyboardInterrupt:
             typer.echo("convtool: interrupted", err=True)
             sys.exit(130)

@@ -11,8 +11,11 @@ import typer
 
 from convtool.cli import options as opt
 from convtool.cli.app import app
+from convtool.cli.flags import cli_text
 from convtool.cli.progress import progress
+from convtool.describe import ConvertResult
 from convtool.errors import ConvtoolError
+from convtool.forms import ModelTarget
 from convtool.io import model_files as mfiles
 from convtool.io.source import Source, check_finite
 from convtool.io.writers import atomic_outputs, check_target
@@ -23,9 +26,10 @@ from convtool.resources import check_disk
 from convtool.spec import build_conv
 
 ToOpt = Annotated[
-    str,
+    ModelTarget,
     typer.Option(
         "--to",
+        case_sensitive=False,
         help="lc: locally connected (one kernel copy per output position); fc: fully "
         "connected (the exact matrix T).",
         show_default=False,
@@ -111,10 +115,8 @@ def convert_command(
     Example: convtool convert weights.pt --model mypkg.nets:make_net --input-shape 1,3,32,32
     --to lc -o net_lc.pt2
     """
-    target = to.strip().lower()
-    if target not in ("lc", "fc"):
-        raise ConvtoolError(f"--to must be lc or fc, got {to!r}")
-    if sparse and target != "fc":
+    target = to
+    if sparse and target != ModelTarget.FC:
         raise ConvtoolError("--sparse applies to --to fc (an LC layer stores only its taps)")
     fmt = mfiles.model_format(output)
     inputs = [p for p in (source, bias) if p is not None]
@@ -150,7 +152,7 @@ def convert_command(
             json_out,
         )
     if json_out:
-        emit_json(result)
+        emit_json(result.to_dict())
     else:
         render_convert(result)
 
@@ -168,8 +170,8 @@ def _convert(
     inputs: list[Path],
     memory_limit: int | None,
     quiet: bool,
-) -> dict[str, Any]:
-    """Convert, warn about what was left, write atomically; the result dict."""
+) -> ConvertResult:
+    """Convert, warn about what was left, write atomically; the result."""
     source = src.path
     started = time.perf_counter()
     with progress(len(src.layers), f"converting to {target}", not quiet) as advance:
@@ -184,29 +186,24 @@ def _convert(
             inplace=True,  # the loaded model is ours: no second copy of its weights
         )
     for line in report.warnings():
-        typer.echo(f"convtool: warning: {line}", err=True)
+        typer.echo(f"convtool: warning: {cli_text(line)}", err=True)
     if not report.layers:
         raise ConvtoolError(f"no conv layer of {str(source)!r} could be converted; nothing written")
     check_disk(output, stored_size(converted)[1], "the converted model", "convert fewer layers")
-    result = report.to_dict()
     if fmt == "export":
         program = export_converted(converted, example)
         with atomic_outputs([output], force=force, inputs=inputs) as temps:
             mfiles.write_program(temps[0], program)
     else:
-        meta = mfiles.metadata(result, source.name, src.kind)
+        meta = mfiles.metadata(report.to_dict(), source.name, src.kind)
         with atomic_outputs([output], force=force, inputs=inputs) as temps:
             mfiles.write_state_dict(temps[0], converted.state_dict(), meta)
-    result.update(
+    return ConvertResult(
+        report=report,
         source=str(source),
         source_kind=src.kind,
         output=str(output),
-        format={
-            "export": "torch.export program",
-            "torch": "state_dict (.pt)",
-            "safetensors": "state_dict (.safetensors)",
-        }[fmt],
+        format=fmt,
         bytes_written=output.stat().st_size,
         seconds=time.perf_counter() - started,
     )
-    return result

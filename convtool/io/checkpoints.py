@@ -99,12 +99,14 @@ def _kwargs(text: str | None) -> dict[str, Any]:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConvtoolError(
-            f"--model-kwargs must be a JSON object like '{{\"num_classes\": 10}}', got {text!r} "
-            f"({exc.msg})"
+            f"`model_kwargs` must be a JSON object like '{{\"num_classes\": 10}}', got {text!r} "
+            f"({exc.msg})",
+            params=("model_kwargs",),
         ) from None
     if not isinstance(value, dict):
         raise ConvtoolError(
-            f"--model-kwargs must be a JSON object like '{{\"num_classes\": 10}}', got {text!r}"
+            f"`model_kwargs` must be a JSON object like '{{\"num_classes\": 10}}', got {text!r}",
+            params=("model_kwargs",),
         )
     return value
 
@@ -117,10 +119,16 @@ def _import(module_name: str, target: str) -> Any:
         if module_name.endswith(".py"):
             file = Path(module_name)
             if not file.is_file():
-                raise ConvtoolError(f"--model {target!r}: the file {module_name!r} does not exist")
+                raise ConvtoolError(
+                    f"model={target!r}: the file {module_name!r} does not exist",
+                    params=("model",),
+                )
             spec = importlib.util.spec_from_file_location(file.stem, file)
             if spec is None or spec.loader is None:
-                raise ConvtoolError(f"--model {target!r}: cannot import {module_name!r}")
+                raise ConvtoolError(
+                    f"model={target!r}: cannot import {module_name!r}",
+                    params=("model",),
+                )
             module = importlib.util.module_from_spec(spec)
             sys.modules[file.stem] = module
             spec.loader.exec_module(module)
@@ -130,18 +138,20 @@ def _import(module_name: str, target: str) -> Any:
         raise
     except ModuleNotFoundError as exc:
         raise ConvtoolError(
-            f"--model {target!r}: cannot import {module_name!r} ({exc}); run convtool from the "
-            f"folder that holds it or add that folder to PYTHONPATH"
+            f"model={target!r}: cannot import {module_name!r} ({exc}); run convtool from the "
+            f"folder that holds it or add that folder to PYTHONPATH",
+            params=("model",),
         ) from None
     except Exception as exc:
         raise ConvtoolError(
-            f"--model {target!r}: importing {module_name!r} failed: {type(exc).__name__}: "
-            f"{_first_line(exc)}"
+            f"model={target!r}: importing {module_name!r} failed: {type(exc).__name__}: "
+            f"{_first_line(exc)}",
+            params=("model",),
         ) from None
 
 
 def import_model(target: str, kwargs_json: str | None = None) -> nn.Module:
-    """Build the architecture named by `--model MODULE:CALLABLE [--model-kwargs JSON]`.
+    """Build the architecture named by `model="MODULE:CALLABLE"` (and `model_kwargs`, JSON).
 
     MODULE is imported with the current folder on `sys.path` (or is a path to a .py file);
     CALLABLE may be dotted (`Net.small`) and must return an `nn.Module` (an `nn.Module` instance
@@ -150,30 +160,42 @@ def import_model(target: str, kwargs_json: str | None = None) -> nn.Module:
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name.strip() or not attr.strip():
         raise ConvtoolError(
-            f"--model must be MODULE:CALLABLE, e.g. mypackage.models:make_model, got {target!r}"
+            f"`model` must be MODULE:CALLABLE, e.g. mypackage.models:make_model, got {target!r}",
+            params=("model",),
         )
     kwargs = _kwargs(kwargs_json)
     obj = _import(module_name.strip(), target)
     for part in attr.strip().split("."):
         if not hasattr(obj, part):
-            raise ConvtoolError(f"--model {target!r}: {module_name!r} has no attribute {part!r}")
+            raise ConvtoolError(
+                f"model={target!r}: {module_name!r} has no attribute {part!r}",
+                params=("model",),
+            )
         obj = getattr(obj, part)
     if isinstance(obj, nn.Module):
         if kwargs:
-            raise ConvtoolError(f"--model {target!r} is a module instance; drop --model-kwargs")
+            raise ConvtoolError(
+                f"model={target!r} is a module instance; drop `model_kwargs`",
+                params=("model", "model_kwargs"),
+            )
         return obj
     if not callable(obj):
-        raise ConvtoolError(f"--model {target!r} is a {type(obj).__name__}, not a callable")
+        raise ConvtoolError(
+            f"model={target!r} is a {type(obj).__name__}, not a callable",
+            params=("model",),
+        )
     try:
         model = obj(**kwargs)
     except Exception as exc:
         raise ConvtoolError(
-            f"--model {target!r}: calling it with {kwargs or 'no arguments'} failed: "
-            f"{type(exc).__name__}: {_first_line(exc)}"
+            f"model={target!r}: calling it with {kwargs or 'no arguments'} failed: "
+            f"{type(exc).__name__}: {_first_line(exc)}",
+            params=("model",),
         ) from None
     if not isinstance(model, nn.Module):
         raise ConvtoolError(
-            f"--model {target!r} returned a {type(model).__name__}, not a torch.nn.Module"
+            f"model={target!r} returned a {type(model).__name__}, not a torch.nn.Module",
+            params=("model",),
         )
     return model
 
@@ -221,8 +243,8 @@ def fit_state_dict(model: nn.Module, tensors: dict[str, Tensor], path: Path, tar
         problems.append(f"shape mismatches: {_listing(shapes, 3)}")
     if problems:
         raise ConvtoolError(
-            f"the state_dict in {str(path)!r} does not fit --model {target!r}: "
-            f"{'; '.join(problems)}"
+            f"the state_dict in {str(path)!r} does not fit model={target!r}: {'; '.join(problems)}",
+            params=("model",),
         )
     floats = {v.dtype for v in tensors.values() if v.is_floating_point()}
     if len(floats) == 1:  # keep the checkpoint's precision (a float64 file stays float64)
@@ -231,7 +253,8 @@ def fit_state_dict(model: nn.Module, tensors: dict[str, Tensor], path: Path, tar
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
         raise ConvtoolError(
-            f"the state_dict in {str(path)!r} does not fit --model {target!r}: {_first_line(exc)}"
+            f"the state_dict in {str(path)!r} does not fit model={target!r}: {_first_line(exc)}",
+            params=("model",),
         ) from None
 
 
@@ -242,7 +265,7 @@ def eager_source(path: Path, model: nn.Module, kind: str) -> Source:
 
 
 def load_state_dict_source(path: Path, options: SourceOptions, fmt: str) -> Source:
-    """A state_dict (.pt/.pth/.safetensors/.npz) loaded into `--model`'s architecture."""
+    """A state_dict (.pt/.pth/.safetensors/.npz) loaded into `model`'s architecture."""
     assert options.model is not None
     if fmt == "torch":
         obj = torch_load(path, allow_pickle=options.allow_pickle)
@@ -253,8 +276,9 @@ def load_state_dict_source(path: Path, options: SourceOptions, fmt: str) -> Sour
         contents = read_tensors(path)
     if isinstance(contents, Tensor):
         raise ConvtoolError(
-            f"{str(path)!r} holds a single tensor, not a state_dict; drop --model to use it as a "
-            f"kernel"
+            f"{str(path)!r} holds a single tensor, not a state_dict; drop `model` to use it as a "
+            f"kernel",
+            params=("model",),
         )
     model = import_model(options.model, options.model_kwargs)
     fit_state_dict(model, contents, path, options.model)
@@ -366,7 +390,8 @@ def script_to_program(model: Any, example: Tensor) -> Any:
     except ImportError:  # pragma: no cover - torch < 2.4
         raise ConvtoolError(
             "this torch cannot turn a TorchScript archive into an editable graph; save the "
-            "model's state_dict (and pass --model) or a torch.export .pt2 instead"
+            "model's state_dict (and pass `model`) or a torch.export .pt2 instead",
+            params=("model",),
         ) from None
     try:
         with quiet():
@@ -374,7 +399,8 @@ def script_to_program(model: Any, example: Tensor) -> Any:
     except Exception as exc:
         raise ConvtoolError(
             f"cannot rebuild the TorchScript model as a torch.export graph: {_first_line(exc)}; "
-            f"save its state_dict (and pass --model) or a torch.export .pt2 instead"
+            f"save its state_dict (and pass `model`) or a torch.export .pt2 instead",
+            params=("model",),
         ) from None
 
 

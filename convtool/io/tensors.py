@@ -97,8 +97,10 @@ def refuse_pickle(path: Path, exc: BaseException) -> ConvtoolError:
     what = f" (it imports {needs})" if needs else ""
     return ConvtoolError(
         f"{str(path)!r} holds a pickled Python object{what}; unpickling it can run arbitrary "
-        f"code, so convtool did not load it. If you trust the file, pass --allow-pickle; better, "
-        f"re-save it with torch.save(model.state_dict(), ...) and pass --model MODULE:CALLABLE"
+        f"code, so convtool did not load it. If you trust the file, pass allow_pickle=True; "
+        f"better, re-save it with torch.save(model.state_dict(), ...) and pass "
+        f"model='MODULE:CALLABLE'",
+        params=("allow_pickle", "model"),
     )
 
 
