@@ -50,7 +50,8 @@ class _Refused(Exception):
 def _refusal(path: Path, member: str, why: str) -> ConvtoolError:
     return ConvtoolError(
         f"{str(path)!r}: the archive member {member!r} {why}; unpickling it can run arbitrary "
-        f"code, so convtool did not load the file. If you trust it, pass --allow-pickle"
+        f"code, so convtool did not load the file. If you trust it, pass allow_pickle=True",
+        params=("allow_pickle",),
     )
 
 
@@ -114,7 +115,8 @@ def check_archive(data: bytes, path: Path) -> None:
             raise ConvtoolError(
                 f"{str(path)!r} is not a current torch.export archive (no 'archive_format: pt2'); "
                 f"older layouts are loaded through pickle, which convtool never does. Re-save it "
-                f"with torch.export.save, or pass --allow-pickle if you trust it"
+                f"with torch.export.save, or pass allow_pickle=True if you trust it",
+                params=("allow_pickle",),
             )
         for name in members:
             if name.startswith("data/aotinductor/") or name.endswith((".so", ".dll", ".dylib")):
@@ -218,7 +220,8 @@ def _torch_export_load(buffer: io.BytesIO, path: Path) -> Any:
     except _Refused as exc:
         raise ConvtoolError(
             f"{str(path)!r}: loading it would unpickle Python objects ({str(exc)[:120]}); "
-            f"convtool did not load the file. If you trust it, pass --allow-pickle"
+            f"convtool did not load the file. If you trust it, pass allow_pickle=True",
+            params=("allow_pickle",),
         ) from None
     except Exception as exc:
         text = str(exc).strip()

@@ -37,7 +37,8 @@ _MAX_CODE_BYTES = 64 * 1024 * 1024
 def _refuse(path: Path, what: str) -> ConvtoolError:
     return ConvtoolError(
         f"{str(path)!r} {what}, which reads or writes files (or the network) when the model is "
-        f"loaded or run; convtool did not load it. If you trust the file, pass --allow-pickle"
+        f"loaded or run; convtool did not load it. If you trust the file, pass allow_pickle=True",
+        params=("allow_pickle",),
     )
 
 
