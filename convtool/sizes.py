@@ -25,7 +25,7 @@ INDEX_BYTES = 8  # int64 indices
 # Bytes per template entry while it is built: rows, cols and source indices (int64) plus the
 # mask / sort intermediates of the index arithmetic.
 TEMPLATE_ENTRY_BYTES = 5 * INDEX_BYTES
-_CHUNK = 1 << 16  # border output positions handled per numpy pass
+_CHUNK = 1 << 20  # border output positions handled per numpy pass (reflect)
 
 
 # ---------------------------------------------------------------------------- per-axis counts
@@ -91,33 +91,49 @@ def axis_distinct(n: int, m: int, k: int, s: int, d: int, lo: int, mode: str) ->
         raise ConvtoolError(f"unknown padding_mode {mode!r}")
     if n == 1:  # every tap lands on the one input value
         return m
+    if mode == "replicate":
+        return _replicate_distinct(n, m, k, s, d, lo)
     span = (k - 1) * d
     # interior: lo <= o*s and o*s + span <= n - 1 + lo
     first = min(m, -(-lo // s))
     last = min(m - 1, (n - 1 + lo - span) // s) if n - 1 + lo - span >= 0 else -1
     interior = max(0, last - first + 1)
     total = interior * k
-    borders = [(0, first)]
-    borders.append((max(first, last + 1), m))
-    per_o = _replicate_counts if mode == "replicate" else _reflect_counts
-    for start, stop in borders:
+    for start, stop in ((0, first), (max(first, last + 1), m)):
         for c0 in range(start, stop, _CHUNK):
             o = np.arange(c0, min(stop, c0 + _CHUNK), dtype=object if n > 2**30 else np.int64)
-            total += int(per_o(o * s - lo, n, k, d).sum())
+            total += int(_reflect_counts(o * s - lo, n, k, d).sum())
     return total
 
 
-def _replicate_counts(c: np.ndarray, n: int, k: int, d: int) -> np.ndarray:
-    """Distinct clamped values of `c + j*d`, `j < k`, for each start `c` (n >= 2)."""
-    j_lo = np.maximum(0, -(c // d))  # first j with c + j*d >= 0
-    j_hi = np.minimum(k - 1, (n - 1 - c) // d)  # last j with c + j*d <= n - 1
-    inside = np.maximum(0, j_hi - j_lo + 1)
-    hits_zero = (c <= 0) & ((-c) % d == 0) & ((-c) // d < k)
-    last = c + (k - 1) * d
-    hits_top = (c <= n - 1) & (last >= n - 1) & ((n - 1 - c) % d == 0)
-    low = (c < 0) & ~hits_zero
-    high = (last > n - 1) & ~hits_top
-    return inside + low.astype(inside.dtype) + high.astype(inside.dtype)
+def _congruent(start: int, stop: int, s: int, d: int, r: int) -> int:
+    """`#{o in [start, stop) : o*s = r (mod d)}`."""
+    if stop <= start:
+        return 0
+    g = math.gcd(s, d)
+    if r % g:
+        return 0
+    period = d // g
+    o0 = (r // g) * pow(s // g, -1, period) % period if period > 1 else 0
+    return -((o0 - stop) // period) - -((o0 - start) // period)
+
+
+def _replicate_distinct(n: int, m: int, k: int, s: int, d: int, lo: int) -> int:
+    """Replicate (n >= 2): the taps inside the input, plus per output position one value for
+    taps clamped to 0 (unless a tap reads 0 itself) and one for taps clamped to n - 1 (unless a
+    tap reads n - 1 itself); each count is an arithmetic-progression count in closed form."""
+    span = (k - 1) * d
+    inside = axis_taps(n, m, k, s, d, lo, "zeros")
+    # o*s - lo < 0: some tap left of the input; one of them reads 0 iff d | (lo - o*s) and
+    # (lo - o*s) <= span
+    below = min(m, -(-lo // s))
+    reads_zero = _congruent(max(0, -(-(lo - span) // s)), below, s, d, lo)
+    # o*s - lo + span > n - 1: some tap right of it; n - 1 is read iff d | (n - 1 + lo - o*s)
+    # and o*s <= n - 1 + lo
+    top = n - 1 + lo
+    above_from = min(m, max(0, (top - span) // s + 1))
+    reads_top = _congruent(above_from, min(m, top // s + 1), s, d, top)
+    return inside + (below - reads_zero) + (m - above_from - reads_top)
 
 
 def _reflect_counts(c: np.ndarray, n: int, k: int, d: int) -> np.ndarray:
