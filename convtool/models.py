@@ -106,7 +106,7 @@ def example_tensor(model: nn.Module, example_input: Tensor | Sequence[int]) -> T
     check_memory(
         2 * nbytes,
         f"running the model on an example input of shape {shape}",
-        "use a smaller --input-shape",
+        "use a smaller input shape",
     )
     return torch.zeros(shape, dtype=dtype)
 
