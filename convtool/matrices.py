@@ -361,7 +361,8 @@ def toeplitz_from_weight(
     if isinstance(weight, np.ndarray):
         if weight.dtype.kind not in "fiub":
             raise ConvtoolError(f"weight must be a real numeric array, got dtype {weight.dtype}")
-        weight = torch.from_numpy(np.ascontiguousarray(weight.astype(weight.dtype.newbyteorder("="))))
+        native = weight.astype(weight.dtype.newbyteorder("="))  # big-endian arrays too
+        weight = torch.from_numpy(np.ascontiguousarray(native))
     elif not isinstance(weight, Tensor):
         raise ConvtoolError(
             f"weight must be a torch tensor or a numpy array, got {type(weight).__name__}"

@@ -478,9 +478,9 @@ def convert_with_report(
     if not isinstance(model, nn.Module):
         raise ConvtoolError(f"model must be an nn.Module, got {type(model).__name__}")
     for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if is_conv(module) and isinstance(weight, Tensor):
-            compute_dtype(weight.dtype, f"the weight of conv {name or type(module).__name__!r}")
+        kernel = getattr(module, "weight", None)
+        if is_conv(module) and isinstance(kernel, Tensor):
+            compute_dtype(kernel.dtype, f"the weight of conv {name or type(module).__name__!r}")
     if to not in TARGETS:
         raise ConvtoolError(f"to must be 'lc' or 'fc', got {to!r}")
     if sparse and to != "fc":

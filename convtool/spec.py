@@ -63,6 +63,7 @@ def _repr(value: Any) -> str:
     text = repr(tuple(value))
     return text if len(text) <= 80 else text[:77] + "..."
 
+
 CONV_TYPES: dict[type[nn.Module], tuple[int, bool]] = {
     nn.Conv1d: (1, False),
     nn.Conv2d: (2, False),

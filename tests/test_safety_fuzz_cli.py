@@ -11,12 +11,8 @@ overflowing int64, not a number), never in between, so every run is either cheap
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -25,79 +21,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from tests.safety_helpers import REPO
-
-PEAK_LIMIT = 1024**3  # bytes of resident memory any one run may reach
-
-WORKER = r"""
-import json, resource, sys
-resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
-from typer.testing import CliRunner
-from convtool.cli import app
-runner = CliRunner()
-
-def peak():
-    # VmHWM: this process's peak resident set; reset before each run where Linux allows it
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-def reset():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-print(json.dumps({"ready": True, "peak": peak()}), flush=True)
-for line in sys.stdin:
-    args = json.loads(line)
-    was_reset = reset()
-    result = runner.invoke(app, args)
-    print(json.dumps({
-        "code": result.exit_code,
-        "stdout": result.stdout[-4000:],
-        "stderr": result.stderr[-4000:],
-        "exception": repr(result.exception) if result.exception and not isinstance(result.exception, SystemExit) else None,
-        "peak": peak(),
-        "reset": was_reset,
-    }), flush=True)
-"""
-
-
-class Worker:
-    """One long-lived CLI process: send an argv, get exit code, output and peak memory."""
-
-    def __init__(self, cwd: Path) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", WORKER],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=cwd,
-            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "COLUMNS": "100"},
-        )
-        self.baseline = self._read()["peak"]
-
-    def _read(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert line, f"the CLI worker died (exit {self.proc.poll()})"
-        return dict(json.loads(line))
-
-    def run(self, args: list[str]) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(args) + "\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def close(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        self.proc.wait(timeout=30)
+from tests.cli_worker import PEAK_LIMIT, Worker
 
 
 @pytest.fixture(scope="module")
@@ -254,10 +178,8 @@ def test_any_argument_vector_ends_cleanly(
 def test_worker_measures_a_real_allocation(worker: Worker, files: dict[str, Path]) -> None:
     """The memory check can fail: a dense 1.2 GB matrix (24640 x 12320 float32) written to .pt
     shows up in the peak."""
-    result = worker.run(
-        ["toeplitz", str(files["k2.npy"]), "-i", "2,70,88", "--padding", "1", "-o", "T.pt",
-         "--force"]  # fmt: skip
-    )
+    args = ["toeplitz", str(files["k2.npy"]), "-i", "2,70,88", "--padding", "1"]
+    result = worker.run([*args, "-o", "T.pt", "--force"])
     assert result["code"] == 0, result
     if not result["reset"]:
         pytest.skip("this kernel cannot reset the peak RSS, so later runs could not be checked")

@@ -149,7 +149,8 @@ def test_toeplitz_from_weight_accepts_numpy() -> None:
     w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
     t = convtool.toeplitz_from_weight(w, (3, 8, 8), padding=1)
     x = torch.randn(3, 8, 8)
-    torch.testing.assert_close(t @ x.flatten(), F.conv2d(x[None], torch.from_numpy(w), padding=1).flatten())
+    expected = F.conv2d(x[None], torch.from_numpy(w), padding=1).flatten()
+    torch.testing.assert_close(t @ x.flatten(), expected)
     be = convtool.toeplitz_from_weight(w.astype(">f4"), (3, 8, 8), padding=1)  # big-endian
     assert torch.equal(be, t)
     with pytest.raises(ConvtoolError, match="torch tensor or a numpy array"):
@@ -160,7 +161,7 @@ def test_toeplitz_from_weight_accepts_numpy() -> None:
 
 @pytest.mark.parametrize("model", [None, "model", 3, torch.ones(2)])
 def test_convert_model_refuses_non_modules(model: Any) -> None:
-    with pytest.raises(ConvtoolError, match="model must be an nn.Module"):
+    with pytest.raises(ConvtoolError, match=r"model must be an nn\.Module"):
         convtool.convert_model(model, (1, 3, 8, 8))
 
 

@@ -67,7 +67,9 @@ def test_whole_layer_counts_match_the_jacobian() -> None:
     ]
     for layer in layers:
         shape = (layer.in_channels, 5, 6)
-        jac = torch.autograd.functional.jacobian(lambda x: layer(x[None]).flatten(), torch.randn(shape))
+        jac = torch.autograd.functional.jacobian(
+            lambda x, layer=layer: layer(x[None]).flatten(), torch.randn(shape)
+        )
         jac = jac.reshape(jac.shape[0], -1)
         spec = ConvSpec.from_module(layer)
         assert structural_nnz(spec, shape) == int((jac != 0).sum()), layer
