@@ -25,7 +25,8 @@ INDEX_BYTES = 8  # int64 indices
 # Bytes per template entry while it is built: rows, cols and source indices (int64) plus the
 # mask / sort intermediates of the index arithmetic.
 TEMPLATE_ENTRY_BYTES = 5 * INDEX_BYTES
-_CHUNK = 1 << 20  # border output positions handled per numpy pass (reflect)
+_CHUNK = 1 << 20  # output positions per numpy pass (reflect, taps past both edges)
+_BOTH_SIDES_LIMIT = 1 << 24  # such positions counted one by one at most (about 2 s)
 
 
 # ---------------------------------------------------------------------------- per-axis counts
@@ -93,16 +94,92 @@ def axis_distinct(n: int, m: int, k: int, s: int, d: int, lo: int, mode: str) ->
         return m
     if mode == "replicate":
         return _replicate_distinct(n, m, k, s, d, lo)
+    return _reflect_distinct(n, m, k, s, d, lo)
+
+
+def _reflect_distinct(n: int, m: int, k: int, s: int, d: int, lo: int) -> int:
+    """Reflect (n >= 2). Output positions whose taps stay inside the input read k values.
+    Those whose taps leave it on one side only fold back onto that side; with `e` the distance
+    of the outermost tap past the edge and `j0 = ceil(e / d)` taps outside, the folded taps
+    land on the inside taps' lattice only when `d | 2e`, and then the union of the two runs
+    has `max(j0, k - 1 - j0) + 1` values (`d | e`, the edge itself is read) or
+    `max(j0, k - j0)` values (`e = d/2 mod d`). Summed per residue class of `e` in closed
+    form. Positions whose taps leave on both sides (a dilated kernel wider than the input) are
+    counted one by one in numpy chunks."""
     span = (k - 1) * d
-    # interior: lo <= o*s and o*s + span <= n - 1 + lo
-    first = min(m, -(-lo // s))
-    last = min(m - 1, (n - 1 + lo - span) // s) if n - 1 + lo - span >= 0 else -1
-    interior = max(0, last - first + 1)
-    total = interior * k
-    for start, stop in ((0, first), (max(first, last + 1), m)):
-        for c0 in range(start, stop, _CHUNK):
-            o = np.arange(c0, min(stop, c0 + _CHUNK), dtype=object if n > 2**30 else np.int64)
-            total += int(_reflect_counts(o * s - lo, n, k, d).sum())
+    first = min(m, -(-lo // s))  # o < first: the first tap is left of the input
+    last_in = (n - 1 + lo - span) // s  # o <= last_in: the last tap is inside
+    total = m * k
+    low = (0, min(first, last_in + 1))
+    high = (max(first, last_in + 1, 0), m)
+    total -= _fold_deficit(*low, lo, -s, n, k, d)  # e = lo - o*s
+    total -= _fold_deficit(*high, span - lo - (n - 1), s, n, k, d)  # e = o*s - lo + span - n + 1
+    both = (max(0, last_in + 1), first)
+    if both[1] - both[0] > _BOTH_SIDES_LIMIT:
+        raise ConvtoolError(
+            f"counting the non-zeros of reflect padding where the dilated kernel ({span + 1}) is "
+            f"wider than the input ({n}) takes one step per output position, and "
+            f"{both[1] - both[0]} positions are too many; use a smaller input or dilation"
+        )
+    for c0 in range(both[0], both[1], _CHUNK):
+        o = np.arange(c0, min(both[1], c0 + _CHUNK), dtype=object if n > 2**30 else np.int64)
+        total += int(_reflect_counts(o * s - lo, n, k, d).sum()) - k * len(o)
+    return total
+
+
+def _fold_deficit(start: int, stop: int, alpha: int, beta: int, n: int, k: int, d: int) -> int:
+    """`sum(k - distinct)` over o in [start, stop) for taps leaving the input on one side by
+    `e = alpha + beta*o > 0` (see :func:`_reflect_distinct`)."""
+    if stop <= start:
+        return 0
+    deficit = 0
+    # (residue of e mod d, offset making j an integer, tent width): d | e, then e = d/2 mod d
+    classes = [(0, 0, k - 1)] + ([(d // 2, d // 2, k)] if d % 2 == 0 else [])
+    for residue, offset, width in classes:
+        solved = _solve(beta, residue - alpha, d)
+        if solved is None:
+            continue
+        o1, period = solved
+        t_lo = -(-(start - o1) // period)
+        t_hi = (stop - 1 - o1) // period
+        if t_hi < t_lo:
+            continue
+        # j = (e + offset) / d along the class: an arithmetic progression in t
+        j_a = (alpha + beta * (o1 + t_lo * period) + offset) // d
+        j_b = (alpha + beta * (o1 + t_hi * period) + offset) // d
+        step = abs(beta * period) // d
+        count = t_hi - t_lo + 1
+        j_first = min(j_a, j_b)
+        deficit += _tent_sum(j_first, step, count, width, k - 1)
+    return deficit
+
+
+def _solve(beta: int, rhs: int, d: int) -> tuple[int, int] | None:
+    """Smallest o >= 0 with `beta*o = rhs (mod d)` and the period of the solutions, or None."""
+    g = math.gcd(beta, d)
+    if rhs % g:
+        return None
+    period = d // g
+    if period == 1:
+        return 0, 1
+    return (rhs // g) * pow((beta // g) % period, -1, period) % period, period
+
+
+def _tent_sum(j_first: int, step: int, count: int, width: int, j_max: int) -> int:
+    """`sum(min(j, width - j))` over `j = j_first + step*i`, i < count, restricted to
+    1 <= j <= j_max (taps outside fewer than k: others read k distinct values); step >= 1."""
+    lo_i = 0 if j_first >= 1 else -(-(1 - j_first) // step)
+    hi_i = min(count - 1, (j_max - j_first) // step)
+    if hi_i < lo_i:
+        return 0
+    start, num = j_first + lo_i * step, hi_i - lo_i + 1
+    # j <= width / 2 contributes j, the rest width - j
+    rising = min(num, max(0, (width // 2 - start) // step + 1))
+    total = rising * start + step * rising * (rising - 1) // 2
+    rest = num - rising
+    if rest:
+        first_rest = start + rising * step
+        total += rest * width - (rest * first_rest + step * rest * (rest - 1) // 2)
     return total
 
 

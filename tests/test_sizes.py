@@ -7,12 +7,14 @@ build anything over output positions.
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from convtool.errors import ConvtoolError
 from convtool.sizes import axis_distinct, axis_taps, structural_nnz, tap_count
 from convtool.spec import ConvSpec
 
@@ -88,3 +90,31 @@ def test_counts_at_absurd_sizes() -> None:
     assert tap_count(spec, (3, 8, 8)) == 4 * 3 * (m * 3) ** 2
     zeros = ConvSpec.create(2, 3, 4, 3)
     assert structural_nnz(zeros, (3, 99999999, 99999999)) == 4 * 3 * (99999997 * 3) ** 2
+
+
+def test_reflect_counts_at_absurd_sizes() -> None:
+    """Reflect, 3 taps, dilation 1, padding n - 1: a position whose outermost tap is 1 past an
+    edge reads that tap's mirror image inside (one value fewer); every other position reads 3
+    distinct values. So 3m - 2 for m = 3n - 4 output positions."""
+    n = 10**8
+    m = n + 2 * (n - 1) - 2
+    assert axis_distinct(n, m, 3, 1, 1, n - 1, "reflect") == 3 * m - 2
+    # a dilated kernel wider than the input folds over both edges at every position: counted one
+    # by one, so a count that would take hours is refused instead
+    with pytest.raises(ConvtoolError, match="wider than the input"):
+        axis_distinct(10**11, 10**11 - 2, 2, 1, 2 * 10**11, 10**11 - 1, "reflect")
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "s", "d", "lo", "hi"),
+    [
+        (300, 3, 1, 1, 299, 299),
+        (257, 5, 3, 2, 200, 256),
+        (64, 4, 2, 30, 63, 63),
+        (40, 7, 1, 4, 39, 20),
+    ],
+)
+def test_reflect_counts_at_medium_sizes(n: int, k: int, s: int, d: int, lo: int, hi: int) -> None:
+    m = (n + lo + hi - d * (k - 1) - 1) // s + 1
+    expected = oracle(n, m, k, s, d, lo, hi, "reflect")[1]
+    assert axis_distinct(n, m, k, s, d, lo, "reflect") == expected
