@@ -304,6 +304,7 @@ class ConvSpec:
             raise ConvtoolError(f"kernel shape must be positive, got {_shape_str(shape)}")
         if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0:
             raise ConvtoolError(f"groups must be a positive int, got {groups!r}")
+        _check_int64(groups, "groups")
         if transposed:
             in_channels, out_channels = shape[0], shape[1] * groups
         else:
