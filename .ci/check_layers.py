@@ -46,6 +46,7 @@ KNOWN = {
     ("convtool/params.py", "convtool.io.source"): "ConvLayer lives in io/source.py",
     ("convtool/verification.py", "convtool.io.source"): "ConvLayer lives in io/source.py",
     ("convtool/io/source.py", "convtool.spec"): "io builds ConvSpec for each layer",
+    ("convtool/io/source.py", "convtool.dtypes"): "io applies the weight-dtype rule to kernels",
     ("convtool/io/checkpoints.py", "convtool.spec"): "io builds ConvSpec from export graphs",
     ("convtool/io/model_files.py", "convtool"): "metadata records convtool.__version__",
 }

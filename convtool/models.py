@@ -35,7 +35,7 @@ from convtool import sizes
 from convtool.errors import ConvtoolError
 from convtool.forms import ModelTarget, parse
 from convtool.resources import check_memory, human_bytes
-from convtool.spec import ConvSpec, is_conv
+from convtool.spec import ConvSpec, as_shape, is_conv
 
 _CONV_FUNCTIONS = {
     F.conv1d: "conv1d",
@@ -98,13 +98,7 @@ def example_tensor(model: nn.Module, example_input: Tensor | Sequence[int]) -> T
     """The example input: the tensor given, or zeros of the given shape in the model's dtype."""
     if isinstance(example_input, Tensor):
         return example_input
-    try:
-        shape = tuple(int(s) for s in example_input)
-    except (TypeError, ValueError):
-        raise ConvtoolError(
-            f"the example input must be a tensor or a shape like (1, 3, 224, 224), got "
-            f"{example_input!r}"
-        ) from None
+    shape = as_shape(example_input, "the example input shape")
     if not shape or any(s <= 0 for s in shape):
         raise ConvtoolError(f"the example input shape must be positive ints, got {shape}")
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
@@ -171,6 +165,22 @@ def capture(model: nn.Module, example_input: Tensor | Sequence[int]) -> Capture:
     return _capture_eager(model, x)
 
 
+def _check_conv_output(module: nn.Module, name: str, x: Tensor) -> None:
+    """Refuse a conv call whose output would not fit in memory, before torch allocates it."""
+    try:
+        spec = ConvSpec.from_module(module)
+        out = spec.output_shape(tuple(x.shape))
+    except ConvtoolError:
+        return  # not a call the spec describes: torch reports what is wrong with it
+    batch = int(x.shape[0]) if x.dim() == spec.ndim + 2 else 1
+    check_memory(
+        batch * math.prod(out) * x.element_size(),
+        f"running conv {name or type(module).__name__!r} on an input of shape "
+        f"{tuple(x.shape)} (output {(batch, *out)})",
+        "use a smaller input shape",
+    )
+
+
 class _ConvCalls(TorchFunctionMode):
     """Hands every conv function call to `record(function name, args, kwargs)`."""
 
@@ -202,6 +212,7 @@ def _capture_eager(model: nn.Module, x: Tensor) -> Capture:
         stack.append(module)
         if id(module) in convs and args and isinstance(args[0], Tensor):
             name = names[id(module)]
+            _check_conv_output(module, name, args[0])
             invocations[name] = invocations.get(name, 0) + 1
             weight: Any = module.weight
             _add_shape(cap, name, _sample(args[0], weight.dim() - 2))
@@ -468,7 +479,14 @@ def convert_with_report(
         inplace: convert `model` itself instead of a deep copy.
     """
     from convtool.convert import to_fully_connected, to_locally_connected
+    from convtool.dtypes import compute_dtype
 
+    if not isinstance(model, nn.Module):
+        raise ConvtoolError(f"model must be an nn.Module, got {type(model).__name__}")
+    for name, module in model.named_modules():
+        kernel = getattr(module, "weight", None)
+        if is_conv(module) and isinstance(kernel, Tensor):
+            compute_dtype(kernel.dtype, f"the weight of conv {name or type(module).__name__!r}")
     to = parse(to, ModelTarget)
     if sparse and to != ModelTarget.FC:
         raise ConvtoolError(

@@ -44,8 +44,8 @@ from convtool import sizes
 from convtool.errors import ConvtoolError
 from convtool.forms import Form
 from convtool.io.source import ConvLayer, module_layers
-from convtool.matrices import structural_nnz, tap_count
-from convtool.spec import ConvSpec, is_conv
+from convtool.sizes import structural_nnz, tap_count
+from convtool.spec import ConvSpec, as_shape, is_conv
 
 FORMS = (Form.CONV, Form.LC, Form.FC_DENSE, Form.FC_SPARSE)
 
@@ -645,7 +645,7 @@ def count_params(
         if isinstance(example_input_shape, Tensor):
             shape = tuple(example_input_shape.shape)
         elif example_input_shape is not None:
-            shape = tuple(int(s) for s in example_input_shape)
+            shape = as_shape(example_input_shape)
         layer = ConvLayer(name, spec, m.weight, m.bias, shape, model_or_conv)
         return count_layers([layer], model=model_or_conv, pattern=layers)
     found = module_layers(model_or_conv)
@@ -658,7 +658,7 @@ def count_params(
         if isinstance(example_input_shape, Tensor):
             x = example_input_shape
         else:
-            example_shape = tuple(int(s) for s in example_input_shape)
+            example_shape = as_shape(example_input_shape, "the example input shape")
             param = next(model_or_conv.parameters(), None)
             device = param.device if param is not None else torch.device("cpu")
             dtype = param.dtype if param is not None and param.is_floating_point() else None

@@ -359,6 +359,23 @@ def _prepare(
     spec = layer.spec
     sample = spec.sample_shape(input_shape)
     out = spec.output_shape(sample)
+    for what, t in (("weight", layer.weight), ("bias", layer.bias)):
+        if isinstance(t, Tensor) and t.is_meta:
+            raise ConvtoolError(
+                f"the {what} of {layer.name!r} is on the meta device and holds no values; "
+                f"materialise it first (e.g. module.to_empty(device='cpu') then load_state_dict)"
+            )
+    # The oracle itself must run whatever max_memory (a per-form budget) says: its inputs and
+    # outputs, and as much again while comparing (see _io_bytes), must fit in the machine.
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    io_bytes = (trials + 2) * (math.prod(sample) + math.prod(out)) * itemsize * 2
+    if io_bytes > available_memory():
+        raise ConvtoolError(
+            f"checking {spec.describe()} on input {sample} (output {out}) needs "
+            f"{human_bytes(io_bytes)} for {trials + 2} inputs and the conv's outputs, more than "
+            f"the available memory ({human_bytes(available_memory())}); use a smaller input "
+            f"shape or fewer trials"
+        )
     weight = layer.weight.detach().to(dtype)
     bias = layer.bias.detach().to(dtype) if layer.bias is not None else None
     oracle = conv_module(spec, weight, bias, dtype)

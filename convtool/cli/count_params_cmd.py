@@ -13,6 +13,7 @@ from convtool.cli.app import app
 from convtool.cli.flags import cli_text
 from convtool.describe import count_shapes
 from convtool.errors import ConvtoolError
+from convtool.io.source import check_finite
 from convtool.params import count_layers
 from convtool.render.params import render_report, report_csv, report_json
 
@@ -51,6 +52,7 @@ def count_params_command(
     model: opt.ModelOpt = None,
     model_kwargs: opt.ModelKwargsOpt = None,
     allow_pickle: opt.AllowPickleOpt = False,
+    allow_nonfinite: opt.AllowNonfiniteOpt = False,
 ) -> None:
     """Count the parameters, memory and multiply-adds of each conv layer as conv, locally
     connected (LC) and fully connected (FC) layers, analytically (nothing is built).
@@ -73,6 +75,9 @@ def count_params_command(
         allow_pickle,
         opt.conv_flags(stride, padding, dilation, groups, padding_mode, transposed, output_padding),
     )
+    if not allow_nonfinite:
+        for conv in [src.select(layer)] if layer is not None else src.layers:
+            check_finite(conv)
     pattern = layers
     if layer is not None:
         pattern = _exact(src.select(layer).name)

@@ -7,6 +7,7 @@ import typer
 from convtool.cli import options as opt
 from convtool.cli.app import app
 from convtool.describe import inspect_source
+from convtool.io.source import check_finite
 from convtool.render.common import emit_json
 from convtool.render.inspect import render_inspect
 
@@ -28,6 +29,7 @@ def inspect_command(
     model: opt.ModelOpt = None,
     model_kwargs: opt.ModelKwargsOpt = None,
     allow_pickle: opt.AllowPickleOpt = False,
+    allow_nonfinite: opt.AllowNonfiniteOpt = False,
 ) -> None:
     """List every conv layer: kind, weight shape, stride, padding (mode), dilation, groups, bias;
     with --input-shape also each layer's input and output shapes.
@@ -44,6 +46,9 @@ def inspect_command(
         allow_pickle,
         opt.conv_flags(stride, padding, dilation, groups, padding_mode, transposed, output_padding),
     )
+    if not allow_nonfinite:
+        for conv in [src.select(layer)] if layer is not None else src.layers:
+            check_finite(conv)
     shape = opt.parse_shape(input_shape) if input_shape is not None else None
     result = inspect_source(src, shape, layer)
     for note in result.notes:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from convtool.dtypes import COMPUTE_DTYPES, compute_dtype
 from convtool.errors import ConvtoolError
 from convtool.io.tensors import check_readable, read_tensors, tensors_from_object
 from convtool.spec import ConvSpec, is_conv
@@ -142,11 +143,8 @@ def _names(layers: Sequence[ConvLayer], limit: int = 10) -> str:
 
 
 def _as_float(t: Tensor, what: str) -> Tensor:
-    if t.is_floating_point():
-        return t
-    if t.dtype in (torch.complex64, torch.complex128):
-        raise ConvtoolError(f"{what} is complex ({t.dtype}); convtool handles real tensors")
-    return t.to(torch.float64)  # integer kernels are exact in float64
+    """Integer kernels in float64 (exact); complex and float8 refused (see convtool.dtypes)."""
+    return t.to(compute_dtype(t.dtype, what))
 
 
 def _kernel_entries(
@@ -289,6 +287,8 @@ def _checked(source: Source, options: SourceOptions) -> Source:
 def check_finite(layer: ConvLayer) -> None:
     """Refuse NaN/inf weights (callers skip it for `allow_nonfinite`)."""
     for what, t in (("weight", layer.weight), ("bias", layer.bias)):
+        if t is not None and t.is_floating_point() and t.dtype not in COMPUTE_DTYPES:
+            t = t.float()  # float8 has no isfinite; every float8 value is exact in float32
         if t is not None and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise ConvtoolError(

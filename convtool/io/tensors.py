@@ -79,6 +79,8 @@ def _from_numpy(array: np.ndarray, path: Path, key: str | None = None) -> Tensor
         raise ConvtoolError(f"{where} holds {array.dtype} data, not a numeric array")
     if array.dtype.kind not in "fiub":
         raise ConvtoolError(f"{where} holds {array.dtype} data, not a real numeric array")
+    if not array.dtype.isnative:  # e.g. '>f4' from a big-endian machine: torch needs native order
+        array = array.astype(array.dtype.newbyteorder("="))
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
