@@ -103,8 +103,10 @@ def plan_fold(model: Any) -> tuple[list[Stretch], dict[str, np.ndarray], dict[st
     consts = constants(model)
     inputs = [i for i in graph.input if i.name not in consts]
     if len(inputs) != 1 or len(graph.output) != 1:
-        raise ConvtoolError(f"folding needs a model with one input and one output, this one has "
-                            f"{len(inputs)} and {len(graph.output)}")
+        raise ConvtoolError(
+            f"folding needs a model with one input and one output, this one has "
+            f"{len(inputs)} and {len(graph.output)}"
+        )
     known = shapes(model)
     current = Stretch(src=inputs[0].name, values=[inputs[0].name])
     stretches = [current]
@@ -133,8 +135,10 @@ def plan_fold(model: Any) -> tuple[list[Stretch], dict[str, np.ndarray], dict[st
             )
         two = node.op_type in ("Add", "Sub") and len(data) == 2
         if len(data) != 1 and not two:
-            raise ConvtoolError(f"cannot fold the {_label(node)}: it combines {len(data)} computed "
-                                f"tensors, which is not linear")
+            raise ConvtoolError(
+                f"cannot fold the {_label(node)}: it combines {len(data)} computed "
+                f"tensors, which is not linear"
+            )
         current.nodes.append(node)
         current.values.append(node.output[0])
     out = graph.output[0].name
@@ -147,8 +151,10 @@ def plan_fold(model: Any) -> tuple[list[Stretch], dict[str, np.ndarray], dict[st
     for s in stretches:
         for name in (s.src, s.dst):
             if not lops.numel(known.get(name)):
-                raise ConvtoolError(f"cannot fold: the shape of {name!r} is not known; give the "
-                                    f"model fixed sizes except the batch")
+                raise ConvtoolError(
+                    f"cannot fold: the shape of {name!r} is not known; give the "
+                    f"model fixed sizes except the batch"
+                )
     batch = known[stretches[0].src][0]
     if batch is not None:
         consts["__batch__"] = np.array(batch)
@@ -200,8 +206,13 @@ def fold_onnx(
     if not sparse:
         stored = sum(o * i for o, i in sizes) * itemsize
         biggest = max(o * i for o, i in sizes) * 8  # the float64 layer while it is built
-        check_memory(stored + biggest, f"the {len(sizes)} dense folded layer(s) (largest "
-                     f"{max(sizes, key=lambda s: s[0] * s[1])})", "use sparse=True", memory_limit)
+        check_memory(
+            stored + biggest,
+            f"the {len(sizes)} dense folded layer(s) (largest "
+            f"{max(sizes, key=lambda s: s[0] * s[1])})",
+            "use sparse=True",
+            memory_limit,
+        )
         if for_onnx and stored > PROTO_LIMIT:
             raise ConvtoolError(
                 f"the dense folded layers hold {human_bytes(stored)}, over the 2 GiB limit of "
@@ -268,8 +279,9 @@ def folded_to_onnx(
         x = b.op("Flatten", [x], axis=1)
     for k, layer in enumerate(net.layers):
         if layer.sparse:
-            x = forms.sparse_fc(b, x, layer.weight, layer.bias, (layer.weight.shape[0],), dtype,
-                                sparse_form)
+            x = forms.sparse_fc(
+                b, x, layer.weight, layer.bias, (layer.weight.shape[0],), dtype, sparse_form
+            )
         else:
             w = b.const(f"W{k}", np.ascontiguousarray(layer.weight.T.astype(dtype)))
             x = b.op("MatMul", [x, w])
@@ -281,17 +293,22 @@ def folded_to_onnx(
     if not b.nodes:
         x = b.op("Identity", [x])
     b.nodes[-1].output[0] = net.output_name
-    elem = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float64): TensorProto.DOUBLE,
-            np.dtype(np.float16): TensorProto.FLOAT16}[dtype]
+    elem = {
+        np.dtype(np.float32): TensorProto.FLOAT,
+        np.dtype(np.float64): TensorProto.DOUBLE,
+        np.dtype(np.float16): TensorProto.FLOAT16,
+    }[dtype]
     n: int | str = batch if batch is not None else "N"
     graph = helper.make_graph(
-        b.nodes, "convtool_folded",
+        b.nodes,
+        "convtool_folded",
         [helper.make_tensor_value_info(net.input_name, elem, [n, *net.input_shape])],
         [helper.make_tensor_value_info(net.output_name, elem, [n, *net.output_shape])],
         initializer=b.initializers,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
-                              producer_name="convtool")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="convtool"
+    )
     model.ir_version = min(model.ir_version, 10)  # readable by onnxruntime releases of 2024+
     return model
 

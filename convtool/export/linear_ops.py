@@ -51,11 +51,14 @@ def _conv(x: Tensor, node: Any, c: Consts, a: dict[str, Any]) -> Tensor:
     if node.op_type == "ConvTranspose":
         pads = a.get("pads", [0] * 2 * nd)
         if auto != "NOTSET" or "output_shape" in a or pads[:nd] != pads[nd:]:
-            raise ConvtoolError(f"ConvTranspose node {node.name!r}: auto_pad, output_shape or "
-                                f"asymmetric pads cannot be folded")
+            raise ConvtoolError(
+                f"ConvTranspose node {node.name!r}: auto_pad, output_shape or "
+                f"asymmetric pads cannot be folded"
+            )
         fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
-        return fn(x, w, bias, stride, pads[:nd], a.get("output_padding", [0] * nd),
-                  a.get("group", 1), dil)
+        return fn(
+            x, w, bias, stride, pads[:nd], a.get("output_padding", [0] * nd), a.get("group", 1), dil
+        )
     if auto in ("SAME_UPPER", "SAME_LOWER"):
         from convtool.export.onnx_convs import _same_pads
 
@@ -63,8 +66,8 @@ def _conv(x: Tensor, node: Any, c: Consts, a: dict[str, Any]) -> Tensor:
     else:
         pads = a.get("pads", [0] * 2 * nd) if auto == "NOTSET" else [0] * 2 * nd
     x = F.pad(x, _torch_pads(pads))
-    fn = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
-    return fn(x, w, bias, stride, 0, dil, a.get("group", 1))
+    conv: Any = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+    return conv(x, w, bias, stride, 0, dil, a.get("group", 1))
 
 
 def _channel(t: Tensor, x: Tensor) -> Tensor:
@@ -81,14 +84,24 @@ def _avgpool(x: Tensor, node: Any, c: Consts, a: dict[str, Any]) -> Tensor:
     kernel = a["kernel_shape"]
     nd = len(kernel)
     pads = a.get("pads", [0] * 2 * nd)
-    if a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID") or pads[:nd] != pads[nd:] or any(
-        d != 1 for d in a.get("dilations", [1] * nd)
+    if (
+        a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID")
+        or pads[:nd] != pads[nd:]
+        or any(d != 1 for d in a.get("dilations", [1] * nd))
     ):
-        raise ConvtoolError(f"AveragePool node {node.name!r}: auto_pad, asymmetric pads or "
-                            f"dilations cannot be folded")
+        raise ConvtoolError(
+            f"AveragePool node {node.name!r}: auto_pad, asymmetric pads or "
+            f"dilations cannot be folded"
+        )
     fn = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[nd - 1]
-    return fn(x, kernel, a.get("strides", [1] * nd), pads[:nd], bool(a.get("ceil_mode", 0)),
-              bool(a.get("count_include_pad", 0)))
+    return fn(
+        x,
+        kernel,
+        a.get("strides", [1] * nd),
+        pads[:nd],
+        bool(a.get("ceil_mode", 0)),
+        bool(a.get("count_include_pad", 0)),
+    )
 
 
 def _pad(x: Tensor, node: Any, c: Consts, a: dict[str, Any]) -> Tensor:
@@ -100,12 +113,15 @@ def _pad(x: Tensor, node: Any, c: Consts, a: dict[str, Any]) -> Tensor:
         for i, ax in enumerate(axes):
             full[ax], full[ax + x.dim()] = pads[i], pads[i + len(axes)]
         pads = full
-    mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate",
-            "wrap": "circular"}[a.get("mode", "constant")]
+    mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}[
+        a.get("mode", "constant")
+    ]
     d = x.dim()
     if pads[0] or pads[d] or (mode != "constant" and (pads[1] or pads[d + 1])):
-        raise ConvtoolError(f"Pad node {node.name!r} pads the batch (or channels in "
-                            f"{mode} mode); it cannot be folded")
+        raise ConvtoolError(
+            f"Pad node {node.name!r} pads the batch (or channels in "
+            f"{mode} mode); it cannot be folded"
+        )
     spatial = pads[2:d] + pads[d + 2 :] if mode != "constant" else pads[1:d] + pads[d + 1 :]
     if mode == "constant":
         return F.pad(x, _torch_pads(spatial), value=value)
@@ -115,12 +131,16 @@ def _pad(x: Tensor, node: Any, c: Consts, a: dict[str, Any]) -> Tensor:
 def _reshape(x: Tensor, node: Any, c: Consts, a: dict[str, Any]) -> Tensor:
     shape = [int(s) for s in c[node.input[1]]]
     head = shape[0]
-    rest = [x.shape[i + 1] if s == 0 and not a.get("allowzero", 0) else s
-            for i, s in enumerate(shape[1:])]
+    rest = [
+        x.shape[i + 1] if s == 0 and not a.get("allowzero", 0) else s
+        for i, s in enumerate(shape[1:])
+    ]
     static = int(c["__batch__"]) if "__batch__" in c else None
     if (head not in (-1, 0) and head != static) or (head == -1 and -1 in rest):
-        raise ConvtoolError(f"Reshape node {node.name!r} to {shape} mixes the batch with the "
-                            f"features; it cannot be folded")
+        raise ConvtoolError(
+            f"Reshape node {node.name!r} to {shape} mixes the batch with the "
+            f"features; it cannot be folded"
+        )
     return x.reshape(x.shape[0], *rest)
 
 
@@ -135,7 +155,9 @@ def _gemm(x: Tensor, node: Any, c: Consts, a: dict[str, Any]) -> Tensor:
     return y
 
 
-def _binary(op: Callable[[Tensor, Tensor], Tensor], data_first: bool = False) -> Callable[..., Tensor]:
+def _binary(
+    op: Callable[[Tensor, Tensor], Tensor], data_first: bool = False
+) -> Callable[..., Tensor]:
     def run(x: Tensor, node: Any, c: Consts, a: dict[str, Any]) -> Tensor:
         first = node.input[0] not in c
         other = _c(c, node.input[1] if first else node.input[0])
@@ -160,8 +182,9 @@ def _axes(node: Any, c: Consts, a: dict[str, Any]) -> list[int]:
 
 
 def _squeeze(x: Tensor, node: Any, c: Consts, a: dict[str, Any]) -> Tensor:
-    axes = [ax % x.dim() for ax in _axes(node, c, a)] or [i for i in range(1, x.dim())
-                                                            if x.shape[i] == 1]
+    axes = [ax % x.dim() for ax in _axes(node, c, a)] or [
+        i for i in range(1, x.dim()) if x.shape[i] == 1
+    ]
     if 0 in axes:
         raise ConvtoolError(f"Squeeze node {node.name!r} removes the batch")
     for ax in sorted(axes, reverse=True):
@@ -233,4 +256,4 @@ def numel(shape: tuple[int | None, ...] | None) -> int:
     """Features of one sample of a `(N, ...)` shape; 0 when unknown."""
     if shape is None or any(s is None for s in shape[1:]):
         return 0
-    return math.prod(int(s) for s in shape[1:])  # type: ignore[arg-type]
+    return math.prod(int(s or 0) for s in shape[1:])

@@ -48,7 +48,9 @@ def shapes(model: Any) -> dict[str, tuple[int | None, ...]]:
     try:
         inferred = shape_inference.infer_shapes(model, strict_mode=False)
     except Exception as exc:  # a malformed model: say so in one line
-        raise ConvtoolError(f"ONNX shape inference failed: {str(exc).splitlines()[0][:200]}") from None
+        raise ConvtoolError(
+            f"ONNX shape inference failed: {str(exc).splitlines()[0][:200]}"
+        ) from None
     graph = inferred.graph
     found: dict[str, tuple[int | None, ...]] = {}
     for info in [*graph.input, *graph.value_info, *graph.output]:
@@ -96,8 +98,13 @@ class ConvNode:
     nbytes: int = 0
 
 
-def _same_pads(auto_pad: str, sizes: Sequence[int], kernel: Sequence[int], stride: Sequence[int],
-               dilation: Sequence[int]) -> tuple[int, ...]:
+def _same_pads(
+    auto_pad: str,
+    sizes: Sequence[int],
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    dilation: Sequence[int],
+) -> tuple[int, ...]:
     begin, end = [], []
     for n, k, s, d in zip(sizes, kernel, stride, dilation, strict=True):
         total = max((math.ceil(n / s) - 1) * s + (k - 1) * d + 1 - n, 0)
@@ -118,8 +125,10 @@ def read_conv(
     label = node.name or node.output[0]
     transposed = node.op_type == "ConvTranspose"
     if node.input[1] not in consts:
-        raise ConvtoolError(f"{node.op_type} node {label!r} has a computed weight; it cannot be "
-                            f"written as a fixed matrix")
+        raise ConvtoolError(
+            f"{node.op_type} node {label!r} has a computed weight; it cannot be "
+            f"written as a fixed matrix"
+        )
     weight = consts[node.input[1]]
     bias = consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
     if len(node.input) > 2 and node.input[2] and bias is None:
@@ -142,19 +151,29 @@ def read_conv(
     if auto_pad in ("SAME_UPPER", "SAME_LOWER") and not transposed:
         pads = _same_pads(auto_pad, sample[1:], kernel, stride, dilation)
     elif auto_pad in ("NOTSET", "VALID"):
-        pads = tuple(a.get("pads", (0,) * (2 * ndim))) if auto_pad == "NOTSET" else (0,) * (2 * ndim)
+        pads = (
+            tuple(a.get("pads", (0,) * (2 * ndim))) if auto_pad == "NOTSET" else (0,) * (2 * ndim)
+        )
     else:
         raise ConvtoolError(f"{node.op_type} node {label!r}: auto_pad={auto_pad} is not supported")
     c_in = weight.shape[0] if transposed else weight.shape[1] * groups
     c_out = weight.shape[1] * groups if transposed else weight.shape[0]
     if transposed and ("output_shape" in a or pads[:ndim] != pads[ndim:]):
-        raise ConvtoolError(f"ConvTranspose node {label!r}: output_shape or asymmetric pads are "
-                            f"not supported")
+        raise ConvtoolError(
+            f"ConvTranspose node {label!r}: output_shape or asymmetric pads are not supported"
+        )
     symmetric = pads[:ndim] == pads[ndim:]
     spec = ConvSpec.create(
-        ndim, int(c_in), int(c_out), kernel, stride=stride,
-        padding=pads[:ndim] if symmetric else 0, dilation=dilation, groups=groups,
-        transposed=transposed, output_padding=tuple(a.get("output_padding", (0,) * ndim)),
+        ndim,
+        int(c_in),
+        int(c_out),
+        kernel,
+        stride=stride,
+        padding=pads[:ndim] if symmetric else 0,
+        dilation=dilation,
+        groups=groups,
+        transposed=transposed,
+        output_padding=tuple(a.get("output_padding", (0,) * ndim)),
         bias=bias is not None,
     )
     window = forms.Window(sample, kernel, stride, dilation, pads, groups)
@@ -170,8 +189,11 @@ def _estimate(conv: ConvNode, to: str, sparse: bool) -> int:
     itemsize = conv.weight.dtype.itemsize
     if to == "lc":
         return forms.lc_bytes(conv.window, conv.spec.out_channels, itemsize, conv.bias is not None)
-    sample = conv.sample if conv.window.pads[: conv.spec.ndim] == conv.window.pads[conv.spec.ndim:] \
+    sample = (
+        conv.sample
+        if conv.window.pads[: conv.spec.ndim] == conv.window.pads[conv.spec.ndim :]
         else (conv.sample[0], *conv.window.padded)
+    )
     info = matrix_info(conv.spec, sample, torch.float32 if itemsize == 4 else torch.float64)
     if sparse:  # COO while building; ELL pads at most ELL_SLACK (else the scatter form)
         return int(info.nnz * (itemsize + 16) * forms.ELL_SLACK)
@@ -198,8 +220,10 @@ def plan_convs(
     if sparse and to != "fc":
         raise ConvtoolError("sparse=True applies to the fully-connected form: use to='fc'")
     if opset_of(model) < 13:
-        raise ConvtoolError(f"the ONNX model imports opset {opset_of(model)}; the LC/FC forms "
-                            f"need opset 13 or later")
+        raise ConvtoolError(
+            f"the ONNX model imports opset {opset_of(model)}; the LC/FC forms "
+            f"need opset 13 or later"
+        )
     indices = [i for i, n in enumerate(model.graph.node) if n.op_type in ("Conv", "ConvTranspose")]
     if not indices:
         raise ConvtoolError("the ONNX model has no Conv or ConvTranspose node")
@@ -209,15 +233,20 @@ def plan_convs(
     convs = [c for c in convs if c.name in chosen]
     for conv in convs:
         if to == "lc" and conv.transposed:
-            raise ConvtoolError(f"layer {conv.name!r} is a ConvTranspose, which has no "
-                                f"locally-connected form; use to='fc'")
+            raise ConvtoolError(
+                f"layer {conv.name!r} is a ConvTranspose, which has no "
+                f"locally-connected form; use to='fc'"
+            )
         conv.nbytes = _estimate(conv, to, sparse)
     if convs:
         biggest = max(convs, key=lambda c: c.nbytes)
         form = {"lc": "locally-connected", "fc": "sparse FC" if sparse else "dense FC"}[to]
-        check_memory(sum(c.nbytes for c in convs) + biggest.nbytes,
-                     f"the {form} ONNX form of {len(convs)} conv(s) (largest: {biggest.name!r})",
-                     "use sparse=True or to='lc', or convert fewer layers", memory_limit)
+        check_memory(
+            sum(c.nbytes for c in convs) + biggest.nbytes,
+            f"the {form} ONNX form of {len(convs)} conv(s) (largest: {biggest.name!r})",
+            "use sparse=True or to='lc', or convert fewer layers",
+            memory_limit,
+        )
         kept = sum(v.nbytes for k, v in consts.items())
         total = kept + sum(c.nbytes for c in convs)
         if total > PROTO_LIMIT:
@@ -289,7 +318,9 @@ def rewrite_onnx_convs(
             t = matrix(conv.spec, weight, sample, sparse=sparse, layout="coo")
             bias = None
             if conv.bias is not None:
-                bias = bias_vector_for(conv.spec, torch.from_numpy(np.array(conv.bias)), sample, weight.dtype)
+                bias = bias_vector_for(
+                    conv.spec, torch.from_numpy(np.array(conv.bias)), sample, weight.dtype
+                )
             if sparse:
                 rows = t.coalesce().indices()[0].numpy()
                 form = forms.sparse_form(rows, t.shape[0], sparse_form)
@@ -304,11 +335,16 @@ def rewrite_onnx_convs(
         last.output[0] = node.output[0]
         replaced[conv.index] = b.nodes
         new_inits.extend(b.initializers)
-        report.append({
-            "name": conv.name, "op": node.op_type, "form": form,
-            "input_shape": list(conv.sample), "output_shape": list(conv.out_shape),
-            "bytes": sum(len(i.raw_data) for i in b.initializers),
-        })
+        report.append(
+            {
+                "name": conv.name,
+                "op": node.op_type,
+                "form": form,
+                "input_shape": list(conv.sample),
+                "output_shape": list(conv.out_shape),
+                "bytes": sum(len(i.raw_data) for i in b.initializers),
+            }
+        )
         if advance is not None:
             advance(1)
     nodes = []

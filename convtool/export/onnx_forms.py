@@ -181,15 +181,15 @@ class Window:
     @property
     def padded(self) -> tuple[int, ...]:
         d = len(self.kernel)
-        return tuple(
-            n + self.pads[i] + self.pads[i + d] for i, n in enumerate(self.in_shape[1:])
-        )
+        return tuple(n + self.pads[i] + self.pads[i + d] for i, n in enumerate(self.in_shape[1:]))
 
     @property
     def out_spatial(self) -> tuple[int, ...]:
         return tuple(
             (p - dl * (k - 1) - 1) // s + 1
-            for p, k, s, dl in zip(self.padded, self.kernel, self.stride, self.dilation, strict=True)
+            for p, k, s, dl in zip(
+                self.padded, self.kernel, self.stride, self.dilation, strict=True
+            )
         )
 
     def indices(self) -> np.ndarray:
@@ -247,4 +247,3 @@ def lc_bytes(window: Window, c_out: int, itemsize: int, bias: bool) -> int:
     return positions * (c_out * taps * itemsize + window.groups * taps * 8) + (
         c_out * positions * itemsize if bias else 0
     )
-

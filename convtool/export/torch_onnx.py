@@ -40,7 +40,7 @@ def _silenced() -> Iterator[None]:
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.ERROR)
+        lg.setLevel(logging.CRITICAL + 1)
     try:
         with (
             warnings.catch_warnings(),
@@ -92,14 +92,19 @@ def export_onnx(
             try:
                 args = () if example is model else (example,)
                 program = torch.onnx.export(
-                    model, args, dynamo=True, opset_version=opset, dynamic_shapes=dynamic,
-                    optimize=True, verbose=False,
+                    model,
+                    args,
+                    dynamo=True,
+                    opset_version=opset,
+                    dynamic_shapes=dynamic,
+                    optimize=True,
+                    verbose=False,
                 )
+                assert program is not None  # dynamo=True always returns the program
                 return program.model_proto
             except Exception as exc:  # the dynamic try fails for models with a fixed batch
                 errors.append(exc)
     text = str(errors[-1]).strip().splitlines()[0] if str(errors[-1]).strip() else ""
     raise ConvtoolError(
-        f"torch.onnx.export could not export the model: {type(errors[-1]).__name__}: "
-        f"{text[:200]}"
+        f"torch.onnx.export could not export the model: {type(errors[-1]).__name__}: {text[:200]}"
     )

@@ -17,6 +17,7 @@ All layers but the last are followed by a ReLU; the last is not.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def _line(values: Sequence[float] | np.ndarray) -> str:
 
 def nnet_bytes(sizes: Sequence[int]) -> int:
     """About how many bytes a .nnet file with these layer sizes takes (16 a value)."""
-    values = sum(o * (i + 1) for i, o in zip(sizes[:-1], sizes[1:], strict=True))
+    values = sum(o * (i + 1) for i, o in itertools.pairwise(sizes))
     return 16 * (values + 4 * sizes[0])
 
 
@@ -57,8 +58,10 @@ def write_nnet(
     sizes = [int(weights[0].shape[1])]
     for w, b in zip(weights, biases, strict=True):
         if w.ndim != 2 or w.shape[1] != sizes[-1] or b.shape != (w.shape[0],):
-            raise ConvtoolError(f"NNet layers must chain: got a {w.shape} matrix after size "
-                                f"{sizes[-1]} with bias {b.shape}")
+            raise ConvtoolError(
+                f"NNet layers must chain: got a {w.shape} matrix after size "
+                f"{sizes[-1]} with bias {b.shape}"
+            )
         sizes.append(int(w.shape[0]))
     n_in = sizes[0]
     lo = np.broadcast_to(np.asarray(-_F32_MAX if input_min is None else input_min, float), n_in)
