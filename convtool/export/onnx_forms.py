@@ -6,8 +6,8 @@ used, so the forms survive tools that have no Conv:
 
 - dense FC: ``Flatten -> Gemm(T, b, transB=1) -> Reshape``;
 - sparse FC, *ELL* (every row padded to the longest row's nnz; a conv's rows hold at most
-  `C_in/groups * prod(kernel)` taps, so the padding is small): ``Flatten -> Gather(cols, axis=1)
-  -> Mul(values) -> ReduceSum(last axis) -> Add(b) -> Reshape``;
+  `C_in/groups * prod(kernel)` taps, so the padding is small): ``Flatten -> Transpose ->
+  Gather(cols) -> Mul(values) -> ReduceSum(row entries) -> Transpose -> Add(b) -> Reshape``;
 - sparse FC, *scatter* (for irregular rows, where ELL would pad much): ``Flatten -> Transpose ->
   Gather(cols) -> Mul(values) -> ScatterND(reduction='add') -> Transpose -> Add(b)``;
 - LC: ``Pad -> Flatten -> Transpose -> Gather(window indices) -> MatMul(per-position kernels)
@@ -137,9 +137,13 @@ def sparse_fc(
         idx = np.zeros((n_out, width), np.int64)
         val = np.zeros((n_out, width), dtype)
         idx[rows, slot], val[rows, slot] = cols, values
-        taps = b.op("Gather", [flat, b.const("cols", idx)], axis=1)  # (N, out, width)
-        prod = b.op("Mul", [taps, b.const("values", val)])
-        y = b.op("ReduceSum", [prod, b.const("axes", np.array([2], np.int64))], keepdims=0)
+        # Gathering whole rows of the transposed input copies contiguous batches: much faster
+        # in onnxruntime than gathering along axis 1 of (N, in) once N is more than a few.
+        xt = b.op("Transpose", [flat], perm=[1, 0])  # (in, N)
+        taps = b.op("Gather", [xt, b.const("cols", idx)], axis=0)  # (out, width, N)
+        prod = b.op("Mul", [taps, b.const("values", val[:, :, None])])
+        summed = b.op("ReduceSum", [prod, b.const("axes", np.array([1], np.int64))], keepdims=0)
+        y = b.op("Transpose", [summed], perm=[1, 0])
     else:
         xt = b.op("Transpose", [flat], perm=[1, 0])  # (in, N)
         taps = b.op("Gather", [xt, b.const("cols", cols)], axis=0)  # (nnz, N)
