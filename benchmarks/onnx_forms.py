@@ -14,20 +14,16 @@ and batch 64, and printed as a ratio to the plain model.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from convtool.errors import ConvtoolError  # noqa: E402
-from convtool.export import fold_onnx, folded_to_onnx, rewrite_onnx_convs  # noqa: E402
-from convtool.export.torch_onnx import export_onnx  # noqa: E402
+from convtool.errors import ConvtoolError
+from convtool.export import fold_onnx, folded_to_onnx, rewrite_onnx_convs
+from convtool.export.torch_onnx import export_onnx
 
 
 class LargerCNN(nn.Module):
@@ -110,8 +106,10 @@ def main() -> None:
         xs = {n: rng.standard_normal((n, *shape[1:])).astype(np.float32) for n in (1, 64)}
         base = {n: latency(plain, x, args.budget) for n, x in xs.items()}
         expected = {n: ort_out(plain, x) for n, x in xs.items()}
-        print(f"\n{name}: plain ONNX {base_size / 1024:.1f} KiB, "
-              f"{base[1] * 1e6:.0f} us at N=1, {base[64] * 1e3:.2f} ms at N=64")
+        print(
+            f"\n{name}: plain ONNX {base_size / 1024:.1f} KiB, "
+            f"{base[1] * 1e6:.0f} us at N=1, {base[64] * 1e3:.2f} ms at N=64"
+        )
         print(f"{'form':32} {'size':>9} {'x size':>8} {'N=1 x':>8} {'N=64 x':>8} {'max err':>9}")
         for form, model_ in table.items():
             if isinstance(model_, str):
@@ -120,8 +118,10 @@ def main() -> None:
             size = model_.ByteSize()
             t = {n: latency(model_, x, args.budget) for n, x in xs.items()}
             err = max(float(np.abs(ort_out(model_, x) - expected[n]).max()) for n, x in xs.items())
-            print(f"{form:32} {size / 1024:7.1f}Ki {size / base_size:8.2f} "
-                  f"{t[1] / base[1]:8.2f} {t[64] / base[64]:8.2f} {err:9.1e}")
+            print(
+                f"{form:32} {size / 1024:7.1f}Ki {size / base_size:8.2f} "
+                f"{t[1] / base[1]:8.2f} {t[64] / base[64]:8.2f} {err:9.1e}"
+            )
 
 
 def ort_out(model: Any, x: np.ndarray) -> np.ndarray:

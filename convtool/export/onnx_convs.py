@@ -218,7 +218,9 @@ def plan_convs(
     if to not in ("lc", "fc"):
         raise ConvtoolError(f"to must be 'lc' or 'fc', got {to!r}")
     if sparse and to != "fc":
-        raise ConvtoolError("sparse=True applies to the fully-connected form: use to='fc'")
+        raise ConvtoolError(
+            "sparse=True (`--sparse`) applies to the fully-connected form: use to='fc'"
+        )
     if opset_of(model) < 13:
         raise ConvtoolError(
             f"the ONNX model imports opset {opset_of(model)}; the LC/FC forms "
@@ -235,7 +237,7 @@ def plan_convs(
         if to == "lc" and conv.transposed:
             raise ConvtoolError(
                 f"layer {conv.name!r} is a ConvTranspose, which has no "
-                f"locally-connected form; use to='fc'"
+                f"locally-connected form; use to='fc' (`--to fc`)"
             )
         conv.nbytes = _estimate(conv, to, sparse)
     if convs:
@@ -244,7 +246,8 @@ def plan_convs(
         check_memory(
             sum(c.nbytes for c in convs) + biggest.nbytes,
             f"the {form} ONNX form of {len(convs)} conv(s) (largest: {biggest.name!r})",
-            "use sparse=True or to='lc', or convert fewer layers",
+            "use sparse=True (`--sparse`) or to='lc' (`--to lc`), or convert fewer layers "
+            "(`--layers`)",
             memory_limit,
         )
         kept = sum(v.nbytes for k, v in consts.items())
@@ -252,7 +255,8 @@ def plan_convs(
         if total > PROTO_LIMIT:
             raise ConvtoolError(
                 f"the {form} ONNX model would hold about {human_bytes(total)} of tensors, over "
-                f"the 2 GiB limit of one ONNX file; use sparse=True or convert fewer layers"
+                f"the 2 GiB limit of one ONNX file; use sparse=True (`--sparse`) or convert "
+                f"fewer layers"
             )
     return convs
 

@@ -45,14 +45,15 @@ def check_forms(
             if to == "lc" and spec.transposed:
                 raise ConvtoolError(
                     f"layer {name!r} is a {spec.kind}, which has no "
-                    f"locally-connected form; use to='fc'"
+                    f"locally-connected form; use to='fc' (`--to fc`)"
                 )
             weight: Any = convs[name].weight
             total += _estimate_bytes(spec, shape, to, sparse, weight.element_size())
         check_memory(
             total,
             f"the {to} form of the model's convs",
-            "use sparse=True or to='lc', or convert fewer layers",
+            "use sparse=True (`--sparse`) or to='lc' (`--to lc`), or convert fewer layers "
+            "(`--layers`)",
             memory_limit,
         )
 
@@ -85,7 +86,9 @@ def model_to_onnx(
     if to not in ("lc", "fc"):
         raise ConvtoolError(f"to must be 'lc' or 'fc', got {to!r}")
     if sparse and to != "fc":
-        raise ConvtoolError("sparse=True applies to the fully-connected form: use to='fc'")
+        raise ConvtoolError(
+            "sparse=True (`--sparse`) applies to the fully-connected form: use to='fc'"
+        )
     if isinstance(model, nn.Module):
         check_forms(model, example_shape, to, sparse, layers, memory_limit)
     plain = export_onnx(model, example_shape, opset=opset)

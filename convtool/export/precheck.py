@@ -145,11 +145,11 @@ def check_fold_size(scan: Scan, itemsize: int, memory_limit: int | None, for_onn
     check_memory(
         stored + max(products) * 8,
         f"the {len(products)} dense folded layer(s) (sizes {' -> '.join(map(str, sizes))})",
-        "use sparse=True",
+        "use sparse=True (`--sparse`)",
         memory_limit,
     )
     if for_onnx and stored > 2**31 - 1:
         raise ConvtoolError(
             f"the dense folded layers hold {human_bytes(stored)}, over the 2 GiB "
-            f"limit of one ONNX file; use sparse=True"
+            f"limit of one ONNX file; use sparse=True (`--sparse`)"
         )
