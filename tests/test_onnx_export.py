@@ -269,6 +269,20 @@ def test_fold_refuses_max_pooling_before_any_work(
     assert not out.exists()
 
 
+def test_size_refusal_comes_before_the_export(
+    weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_export(*a: object, **k: object) -> None:
+        raise AssertionError("exported before refusing")
+
+    monkeypatch.setattr("convtool.export.pipeline.export_onnx", no_export)
+    for extra in (["--to", "fc"], ["--to", "fc", "--fold"]):
+        out = tmp_path / "big.onnx"
+        result = run("convert", weights, *MODEL, *extra, "-o", out, "--max-memory", "64K")
+        assert "--max-memory is 64.0 KiB" in one_line_error(result)
+        assert not out.exists()
+
+
 def _graph(nodes, inits, in_shape, out_shape):  # type: ignore[no-untyped-def]
     from onnx import TensorProto, helper, numpy_helper
 

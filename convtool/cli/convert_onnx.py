@@ -19,7 +19,15 @@ def check_request(
     output: Path, target: str, sparse: bool, fold: bool, opset: int | None, bounds: str | None
 ) -> tuple[float, float] | None:
     """Every refusal about the flags, before anything is loaded; the parsed input bounds."""
+    from convtool.io.model_files import MODEL_FORMATS
+
     suffix = output.suffix.lower()
+    if suffix not in ONNX_SUFFIXES and suffix not in MODEL_FORMATS:
+        raise ConvtoolError(
+            f"cannot tell the output format of {str(output)!r}; use .pt2 (torch.export program, "
+            f"runs without convtool), .pt or .safetensors (converted state_dict), .onnx (ONNX) "
+            f"or .nnet (folded network, NNet text format)"
+        )
     if suffix not in ONNX_SUFFIXES:
         if fold:
             raise ConvtoolError("--fold writes a folded network: use -o NAME.onnx or NAME.nnet")
