@@ -54,7 +54,7 @@ def to_locally_connected(conv: nn.Module, input_shape: Sequence[int]) -> _Locall
     if spec.transposed:
         raise ConvtoolError(
             f"the locally-connected form is defined for Conv1d/2d/3d, not {spec.kind}; use the "
-            f"fully-connected form (to_fully_connected, `--to fc`) for transposed layers"
+            f"fully-connected form (to_fully_connected) for transposed layers"
         )
     sample = spec.sample_shape(input_shape)
     weight = _weight(conv)
@@ -114,7 +114,8 @@ def to_fully_connected(
         check_memory(
             size,
             f"the dense {rows} x {cols} matrix of {spec.describe()} on input {sample}",
-            "use sparse=True (`--sparse`)",
+            "use sparse=True",
+            params=("sparse",),
         )
     t = matrix(spec, weight, sample, sparse=sparse, layout=layout)
     bias = getattr(conv, "bias", None)

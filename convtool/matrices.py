@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from convtool import sizes
 from convtool.errors import ConvtoolError
 from convtool.spec import ConvSpec
 
@@ -559,12 +560,12 @@ class MatrixInfo:
 
     @property
     def dense_bytes(self) -> int:
-        return self.shape[0] * self.shape[1] * self.itemsize
+        return sizes.dense_bytes(*self.shape, self.itemsize)
 
     @property
     def csr_bytes(self) -> int:
         """values + int64 column indices + int64 row pointers."""
-        return self.nnz * (self.itemsize + 8) + (self.shape[0] + 1) * 8
+        return sizes.csr_bytes(self.nnz, self.shape[0], self.itemsize)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -590,5 +591,5 @@ def matrix_info(spec: ConvSpec, input_shape: Sequence[int], dtype: torch.dtype) 
         shape=matrix_shape(spec, sample),
         nnz=structural_nnz(spec, sample),
         dtype=str(dtype).removeprefix("torch."),
-        itemsize=torch.empty((), dtype=dtype).element_size(),
+        itemsize=sizes.itemsize(dtype),
     )

@@ -12,8 +12,11 @@ import typer
 from convtool.cli import options as opt
 from convtool.cli.app import app
 from convtool.cli.convert_onnx import ONNX_SUFFIXES, check_request, convert_onnx_output
+from convtool.cli.flags import cli_text
 from convtool.cli.progress import progress
+from convtool.describe import ConvertResult
 from convtool.errors import ConvtoolError
+from convtool.forms import ModelTarget
 from convtool.io import model_files as mfiles
 from convtool.io.source import Source, check_finite
 from convtool.io.writers import atomic_outputs, check_target
@@ -24,9 +27,10 @@ from convtool.resources import check_disk
 from convtool.spec import build_conv
 
 ToOpt = Annotated[
-    str,
+    ModelTarget,
     typer.Option(
         "--to",
+        case_sensitive=False,
         help="lc: locally connected (one kernel copy per output position); fc: fully "
         "connected (the exact matrix T).",
         show_default=False,
@@ -135,10 +139,8 @@ def convert_command(
     Example: convtool convert weights.pt --model mypkg.nets:make_net --input-shape 1,3,32,32
     --to lc -o net_lc.pt2
     """
-    target = to.strip().lower()
-    if target not in ("lc", "fc"):
-        raise ConvtoolError(f"--to must be lc or fc, got {to!r}")
-    if sparse and target != "fc":
+    target = to
+    if sparse and target != ModelTarget.FC:
         raise ConvtoolError("--sparse applies to --to fc (an LC layer stores only its taps)")
     bounds = check_request(output, target, sparse, fold, opset, input_bounds)
     if output.suffix.lower() in ONNX_SUFFIXES:
@@ -178,7 +180,7 @@ def convert_command(
             json_out,
         )
     if json_out:
-        emit_json(result)
+        emit_json(result.to_dict())
     else:
         render_convert(result)
 
@@ -229,7 +231,7 @@ def _onnx_output(**kw: Any) -> None:
         source_kind=kind,
         model=model,
         example=example,
-        target=kw["target"],
+        target=str(kw["target"]),
         sparse=kw["sparse"],
         fold=kw["fold"],
         layers=kw["layers"],
@@ -256,8 +258,8 @@ def _convert(
     inputs: list[Path],
     memory_limit: int | None,
     quiet: bool,
-) -> dict[str, Any]:
-    """Convert, warn about what was left, write atomically; the result dict."""
+) -> ConvertResult:
+    """Convert, warn about what was left, write atomically; the result."""
     source = src.path
     started = time.perf_counter()
     with progress(len(src.layers), f"converting to {target}", not quiet) as advance:
@@ -272,29 +274,24 @@ def _convert(
             inplace=True,  # the loaded model is ours: no second copy of its weights
         )
     for line in report.warnings():
-        typer.echo(f"convtool: warning: {line}", err=True)
+        typer.echo(f"convtool: warning: {cli_text(line)}", err=True)
     if not report.layers:
         raise ConvtoolError(f"no conv layer of {str(source)!r} could be converted; nothing written")
     check_disk(output, stored_size(converted)[1], "the converted model", "convert fewer layers")
-    result = report.to_dict()
     if fmt == "export":
         program = export_converted(converted, example)
         with atomic_outputs([output], force=force, inputs=inputs) as temps:
             mfiles.write_program(temps[0], program)
     else:
-        meta = mfiles.metadata(result, source.name, src.kind)
+        meta = mfiles.metadata(report.to_dict(), source.name, src.kind)
         with atomic_outputs([output], force=force, inputs=inputs) as temps:
             mfiles.write_state_dict(temps[0], converted.state_dict(), meta)
-    result.update(
+    return ConvertResult(
+        report=report,
         source=str(source),
         source_kind=src.kind,
         output=str(output),
-        format={
-            "export": "torch.export program",
-            "torch": "state_dict (.pt)",
-            "safetensors": "state_dict (.safetensors)",
-        }[fmt],
+        format=fmt,
         bytes_written=output.stat().st_size,
         seconds=time.perf_counter() - started,
     )
-    return result

@@ -210,13 +210,15 @@ def fold_onnx(
             stored + biggest,
             f"the {len(sizes)} dense folded layer(s) (largest "
             f"{max(sizes, key=lambda s: s[0] * s[1])})",
-            "use sparse=True (`--sparse`)",
+            "use sparse=True",
             memory_limit,
+            params=("sparse",),
         )
         if for_onnx and stored > PROTO_LIMIT:
             raise ConvtoolError(
                 f"the dense folded layers hold {human_bytes(stored)}, over the 2 GiB limit of "
-                f"one ONNX file; use sparse=True (`--sparse`)"
+                f"one ONNX file; use sparse=True",
+                params=("sparse",),
             )
     first, last = known[stretches[0].src], known[stretches[-1].dst]
     net = FoldedNetwork(

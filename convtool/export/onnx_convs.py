@@ -219,7 +219,8 @@ def plan_convs(
         raise ConvtoolError(f"to must be 'lc' or 'fc', got {to!r}")
     if sparse and to != "fc":
         raise ConvtoolError(
-            "sparse=True (`--sparse`) applies to the fully-connected form: use to='fc'"
+            "sparse=True applies to the fully-connected form: use to='fc'",
+            params=("sparse", "to"),
         )
     if opset_of(model) < 13:
         raise ConvtoolError(
@@ -237,7 +238,8 @@ def plan_convs(
         if to == "lc" and conv.transposed:
             raise ConvtoolError(
                 f"layer {conv.name!r} is a ConvTranspose, which has no "
-                f"locally-connected form; use to='fc' (`--to fc`)"
+                f"locally-connected form; use to='fc'",
+                params=("to",),
             )
         conv.nbytes = _estimate(conv, to, sparse)
     if convs:
@@ -246,17 +248,17 @@ def plan_convs(
         check_memory(
             sum(c.nbytes for c in convs) + biggest.nbytes,
             f"the {form} ONNX form of {len(convs)} conv(s) (largest: {biggest.name!r})",
-            "use sparse=True (`--sparse`) or to='lc' (`--to lc`), or convert fewer layers "
-            "(`--layers`)",
+            "use sparse=True or to='lc', or convert fewer `layers`",
             memory_limit,
+            params=("sparse", "to", "layers"),
         )
         kept = sum(v.nbytes for k, v in consts.items())
         total = kept + sum(c.nbytes for c in convs)
         if total > PROTO_LIMIT:
             raise ConvtoolError(
                 f"the {form} ONNX model would hold about {human_bytes(total)} of tensors, over "
-                f"the 2 GiB limit of one ONNX file; use sparse=True (`--sparse`) or convert "
-                f"fewer layers"
+                f"the 2 GiB limit of one ONNX file; use sparse=True or convert fewer `layers`",
+                params=("sparse", "layers"),
             )
     return convs
 

@@ -45,16 +45,17 @@ def check_forms(
             if to == "lc" and spec.transposed:
                 raise ConvtoolError(
                     f"layer {name!r} is a {spec.kind}, which has no "
-                    f"locally-connected form; use to='fc' (`--to fc`)"
+                    f"locally-connected form; use to='fc'",
+                    params=("to",),
                 )
             weight: Any = convs[name].weight
             total += _estimate_bytes(spec, shape, to, sparse, weight.element_size())
         check_memory(
             total,
             f"the {to} form of the model's convs",
-            "use sparse=True (`--sparse`) or to='lc' (`--to lc`), or convert fewer layers "
-            "(`--layers`)",
+            "use sparse=True or to='lc', or convert fewer `layers`",
             memory_limit,
+            params=("sparse", "to", "layers"),
         )
 
 
@@ -87,7 +88,8 @@ def model_to_onnx(
         raise ConvtoolError(f"to must be 'lc' or 'fc', got {to!r}")
     if sparse and to != "fc":
         raise ConvtoolError(
-            "sparse=True (`--sparse`) applies to the fully-connected form: use to='fc'"
+            "sparse=True applies to the fully-connected form: use to='fc'",
+            params=("sparse", "to"),
         )
     if isinstance(model, nn.Module):
         check_forms(model, example_shape, to, sparse, layers, memory_limit)

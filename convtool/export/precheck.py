@@ -145,11 +145,13 @@ def check_fold_size(scan: Scan, itemsize: int, memory_limit: int | None, for_onn
     check_memory(
         stored + max(products) * 8,
         f"the {len(products)} dense folded layer(s) (sizes {' -> '.join(map(str, sizes))})",
-        "use sparse=True (`--sparse`)",
+        "use sparse=True",
         memory_limit,
+        params=("sparse",),
     )
     if for_onnx and stored > 2**31 - 1:
         raise ConvtoolError(
             f"the dense folded layers hold {human_bytes(stored)}, over the 2 GiB "
-            f"limit of one ONNX file; use sparse=True (`--sparse`)"
+            f"limit of one ONNX file; use sparse=True",
+            params=("sparse",),
         )
