@@ -11,6 +11,7 @@ import typer
 
 from convtool.cli import options as opt
 from convtool.cli.app import app
+from convtool.cli.convert_onnx import ONNX_SUFFIXES, check_request, convert_onnx_output
 from convtool.cli.flags import cli_text
 from convtool.cli.progress import progress
 from convtool.describe import ConvertResult
@@ -52,8 +53,28 @@ OutputOpt = Annotated[
         "--output",
         "-o",
         help=".pt2: torch.export program that runs without convtool; .pt / "
-        ".safetensors: the converted state_dict (reload with convtool.load_converted).",
+        ".safetensors: the converted state_dict (reload with convtool.load_converted); .onnx: "
+        "ONNX with the LC/FC forms as standard ops (dynamic batch); .nnet: the folded network "
+        "in NNet format.",
         show_default=False,
+    ),
+]
+FoldOpt = Annotated[
+    bool,
+    typer.Option(
+        "--fold",
+        help="With --to fc and -o .onnx/.nnet: fold every linear stretch between ReLUs (convs, "
+        "BatchNorm, average pooling, pads, reshapes, Linear) into one affine layer.",
+    ),
+]
+OpsetOpt = Annotated[
+    int | None, typer.Option("--opset", help="ONNX opset of a .onnx output (default 18).")
+]
+InputBoundsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--input-bounds",
+        help="LO,HI: the input domain written into a .nnet file (default: the float32 range).",
     ),
 ]
 
@@ -106,6 +127,9 @@ def convert_command(
     allow_pickle: opt.AllowPickleOpt = False,
     allow_nonfinite: opt.AllowNonfiniteOpt = False,
     max_memory: opt.MaxMemoryOpt = None,
+    fold: FoldOpt = False,
+    opset: OpsetOpt = None,
+    input_bounds: InputBoundsOpt = None,
 ) -> None:
     """Replace every (or every --layers) conv of a model by its LC or FC form and write it.
 
@@ -118,6 +142,10 @@ def convert_command(
     target = to
     if sparse and target != ModelTarget.FC:
         raise ConvtoolError("--sparse applies to --to fc (an LC layer stores only its taps)")
+    bounds = check_request(output, target, sparse, fold, opset, input_bounds)
+    if output.suffix.lower() in ONNX_SUFFIXES:
+        _onnx_output(**locals())
+        return
     fmt = mfiles.model_format(output)
     inputs = [p for p in (source, bias) if p is not None]
     check_target(output, force, inputs)  # before any work: a refusal costs nothing
@@ -155,6 +183,66 @@ def convert_command(
         emit_json(result.to_dict())
     else:
         render_convert(result)
+
+
+def _onnx_output(**kw: Any) -> None:
+    """`convert` for .onnx / .nnet outputs (any source, .onnx included)."""
+    source, output, force, bias = kw["source"], kw["output"], kw["force"], kw["bias"]
+    inputs = [p for p in (source, bias) if p is not None]
+    check_target(output, force, inputs)
+    memory_limit = opt.max_memory(kw["max_memory"])
+    model: Any
+    if source.suffix.lower() == ".onnx":
+        from convtool.io.onnx_files import read_onnx
+
+        model, example, kind = read_onnx(source), None, "onnx"
+    else:
+        src = opt.open_source(
+            source,
+            None,
+            bias,
+            kw["model"],
+            kw["model_kwargs"],
+            kw["allow_pickle"],
+            opt.conv_flags(
+                kw["stride"],
+                kw["padding"],
+                kw["dilation"],
+                kw["groups"],
+                kw["padding_mode"],
+                kw["transposed"],
+                kw["output_padding"],
+            ),
+        )
+        if not kw["allow_nonfinite"]:
+            for layer in src.layers:
+                check_finite(layer)
+        model, example = _model_and_input(src, kw["input_shape"])
+        kind = src.kind
+        if src.kind == "torchscript":  # the ONNX exporter takes programs, not scripts
+            import torch
+
+            from convtool.io.checkpoints import export_mirror, script_to_program
+
+            x = torch.zeros(example)
+            model = export_mirror(script_to_program(model, x))[0]
+    convert_onnx_output(
+        source=source,
+        source_kind=kind,
+        model=model,
+        example=example,
+        target=str(kw["target"]),
+        sparse=kw["sparse"],
+        fold=kw["fold"],
+        layers=kw["layers"],
+        output=output,
+        opset=kw["opset"],
+        bounds=kw["bounds"],
+        force=force,
+        inputs=inputs,
+        memory_limit=memory_limit,
+        json_out=kw["json_out"],
+    )
 
 
 def _convert(
