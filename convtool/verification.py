@@ -44,6 +44,13 @@ from convtool.compare import (
     parse_dtype,
     resolve_tolerance,
 )
+from convtool.error_bounds import (
+    BoundTerms,
+    bound_description,
+    conv_bound_terms,
+    elementwise_bound,
+    unit_roundoff,
+)
 from convtool.errors import ConvtoolError
 from convtool.io.source import ConvLayer
 from convtool.matrices import (
@@ -52,13 +59,6 @@ from convtool.matrices import (
     dense_row_blocks,
     matrix,
     matrix_info,
-)
-from convtool.error_bounds import (
-    BoundTerms,
-    bound_description,
-    conv_bound_terms,
-    elementwise_bound,
-    unit_roundoff,
 )
 from convtool.resources import Budget, human_bytes, memory_budget
 from convtool.spec import ConvSpec, build_conv, is_conv
@@ -514,7 +514,8 @@ def _toeplitz_sampled(run: _LayerRun, why: str) -> FormCheck:
     if fit < 1:
         return run.result(
             "toeplitz-sampled", SKIPPED,
-            note=f"{why}; even one channel's rows {_too_big(per_channel, run.budget)}",
+            note=f"{why}; even one channel's rows with the inputs and reference "
+            f"{_too_big(per_channel + _io_bytes(run), run.budget)}",
         )  # fmt: skip
     gen = torch.Generator().manual_seed(run.seed + 1)
     if not spec.transposed:
@@ -610,7 +611,11 @@ def _fc(run: _LayerRun, sparse: bool) -> FormCheck:
     if need > run.budget.nbytes:
         return run.result(form, SKIPPED, note=f"FC module {_too_big(need, run.budget)}")
     return _module_form(
-        run, form, lambda conv: convert.to_fully_connected(conv, run.sample, sparse=sparse)
+        run,
+        form,
+        lambda conv: convert.to_fully_connected(
+            conv, run.sample, sparse=sparse, max_memory=run.budget.nbytes
+        ),
     )
 
 
@@ -716,8 +721,10 @@ def _batches_alike(model: nn.Module, inputs: Tensor, expected: Tensor) -> bool:
         return False
     if out is None or out.shape != expected.shape:
         return False
-    scale = float(expected.abs().max()) if expected.numel() else 0.0
-    return bool(torch.allclose(out, expected, rtol=1e-9, atol=1e-12 * max(scale, 1e-300)))
+    finite = expected[torch.isfinite(expected)]
+    scale = float(finite.abs().max()) if finite.numel() else 1.0
+    atol = 1e-12 * max(scale, 1e-300)
+    return bool(torch.allclose(out, expected, rtol=1e-9, atol=atol, equal_nan=True))
 
 
 def check_model(
@@ -921,11 +928,14 @@ def _run_converted(
 
     def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         name = names[id(module)]
+        form: nn.Module
         try:
             if to == "lc":
                 form = convert.to_locally_connected(module, plan[name])
             else:
-                form = convert.to_fully_connected(module, plan[name], sparse=sparse)
+                form = convert.to_fully_connected(
+                    module, plan[name], sparse=sparse, max_memory=run.budget.nbytes
+                )
         except ConvtoolError as exc:
             raise _BuildError(f"layer {name!r}: {exc}") from None
         result = form.eval()(args[0])
