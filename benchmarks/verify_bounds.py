@@ -5,8 +5,8 @@ standard-normal weights and bias, so outputs grow like `sqrt(n)` as in trained n
 verified in float32 with the default tolerance. Printed per form: the largest absolute error
 against the float64 reference, the largest ratio error / bound (<= 1 passes; the margin to 1 is
 the bound's safety factor), and 'NO' where `torch.testing`'s fixed float32 defaults (rtol
-1.3e-6, atol 1e-5, the old verify default) fail for sure (max abs error > atol + rtol max|y|). The `torch` row is PyTorch's own float32
-conv judged the same way.
+1.3e-6, atol 1e-5, the old verify default) fail for sure (max abs error > atol + rtol max|y|).
+The `torch` row is PyTorch's own float32 conv judged the same way.
 
 A second table shows the bound still catches a real error: the largest kernel entry changed by
 1e-3 relative, as err/bound of the changed conv (> 1 is caught).

@@ -66,8 +66,11 @@ def _args(name: str, weights: Path, size: int, out: Path, max_memory: str | None
     }[name]  # fmt: skip
 
 
-def run_child(argv: list[str], env: dict[str, str], limit_as: int | None) -> dict[str, Any]:
-    """Run `python -m convtool ARGV`; wall seconds, peak RSS bytes, exit code, stdout."""
+def run_child(
+    argv: list[str], env: dict[str, str], limit_as: int | None, cwd: str
+) -> dict[str, Any]:
+    """Run `python -m convtool ARGV` in `cwd` (whose convtool `-m` finds first); wall seconds,
+    peak RSS bytes, exit code, stdout and stderr."""
 
     def limit() -> None:
         if limit_as:
@@ -77,7 +80,7 @@ def run_child(argv: list[str], env: dict[str, str], limit_as: int | None) -> dic
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(
             [sys.executable, "-m", "convtool", *argv], stdout=out, stderr=err, env=env,
-            cwd=ROOT, preexec_fn=limit,
+            cwd=cwd, preexec_fn=limit,
         )  # fmt: skip
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -153,7 +156,7 @@ def main() -> None:
         folder = Path(tmp)
         weights = folder / "resnet18.pt"
         torch.save(_model().state_dict(), weights)
-        base = run_child(["--version"], env, limit_as)["peak"]
+        base = run_child(["--version"], env, limit_as, args.convtool)["peak"]
         print(f"convtool from {args.convtool}; model {model_bytes / 2**20:.1f} MiB (float32); "
               f"interpreter + torch baseline {_gib(base)} GiB; max-memory {args.max_memory}; "
               f"address-space cap {_gib(limit_as) if limit_as else 'none'} GiB")  # fmt: skip
@@ -162,7 +165,7 @@ def main() -> None:
         for size in (int(s) for s in args.sizes.split(",")):
             for name in args.only.split(","):
                 argv = _args(name, weights, size, folder, args.max_memory)
-                res = run_child(argv, env, limit_as)
+                res = run_child(argv, env, limit_as, args.convtool)
                 ref, summary = None, ""
                 lines = (res["stdout"] + res["stderr"]).strip().splitlines()
                 summary = lines[-1][:150] if lines else ""
@@ -181,7 +184,8 @@ def main() -> None:
                 ratio = f"{res['peak'] / ref:6.2f}" if ref else "     -"
                 ref_text = _gib(ref) if ref else "       -"
                 print(f"{name:<18} {size:>5} {res['rc']:>3} {res['seconds']:>8.1f} "
-                      f"{_gib(res['peak']):>9} {ref_text:>8} {ratio}  {summary}", flush=True)  # fmt: skip
+                      f"{_gib(res['peak']):>9} {ref_text:>8} {ratio}  {summary}",
+                      flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
