@@ -359,7 +359,10 @@ def test_model_with_transposed_conv_and_layer_pattern() -> None:
     assert "2 conv(s) converted" in e2e["fc-dense"].note
 
 
-def test_model_end_to_end_catches_a_wrong_conversion(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_model_end_to_end_catches_a_wrong_conversion(
+    monkeypatch: pytest.MonkeyPatch, dtype: str
+) -> None:
     convert = pytest.importorskip("convtool.convert")
     real = convert.to_locally_connected
 
@@ -370,9 +373,11 @@ def test_model_end_to_end_catches_a_wrong_conversion(monkeypatch: pytest.MonkeyP
         return module
 
     monkeypatch.setattr(convert, "to_locally_connected", wrong)
-    report = verify(make_model(), EXAMPLE_SHAPE, to="lc", trials=1)
+    report = verify(make_model(), EXAMPLE_SHAPE, to="lc", trials=1, dtype=dtype)
     assert not report.passed
     assert report.end_to_end[0].status == "failed"
+    cmp = report.end_to_end[0].comparison
+    assert cmp is not None and (dtype == "float64" or cmp.bound_ratio > 1)
 
 
 # ---------------------------------------------------------------------------------- bad input

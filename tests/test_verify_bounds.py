@@ -234,3 +234,22 @@ def test_whole_model_with_a_conv_at_two_sizes_leaves_it_unconverted_end_to_end()
 def test_max_memory_zero_compares_nothing_and_says_why() -> None:
     with pytest.raises(cv.ConvtoolError, match=r"nothing was compared: .*memory budget of 0 B"):
         verify(nn.Conv2d(2, 3, 3), (2, 5, 5), max_memory=0)
+
+
+# ------------------------------------------------------------------ end to end, memory budget
+def test_end_to_end_needs_one_form_at_a_time_not_their_sum() -> None:
+    from tests.verify_models import EXAMPLE_SHAPE, make_model
+
+    # dense T (float64): conv1 972 KiB, conv2 648 KiB, conv3 162 KiB; sum 1.7 MiB
+    fits_each = verify(make_model(), EXAMPLE_SHAPE, to="fc", trials=1, max_memory=1_200_000)
+    e2e = {c.form: c for c in fits_each.end_to_end}
+    assert e2e["fc-dense"].status == "passed" and not e2e["fc-dense"].partial
+    assert "3 conv(s) converted" in e2e["fc-dense"].note
+    # a budget below conv1's form: that conv stays a conv, the rest is still compared
+    report = verify(make_model(), EXAMPLE_SHAPE, to="fc", trials=1, max_memory=800_000)
+    dense = {c.form: c for c in report.end_to_end}["fc-dense"]
+    assert dense.status == "passed" and "2 conv(s) converted" in dense.note
+    assert dense.partial.startswith("1 conv(s) left unconverted") and "conv1" in dense.partial
+    assert report.passed and not verify(
+        make_model(), EXAMPLE_SHAPE, to="fc", trials=1, max_memory=800_000, strict=True
+    )
