@@ -82,7 +82,9 @@ def _reason(checks: list[FormCheck]) -> str:
         why = "over " + text[text.index("the memory budget") :].split(";")[0]
     if first.partial:
         what = first.partial.split(":")[0]
-        return f"{what}, the whole form {why}" if why.startswith("over") else what
+        if why.startswith("over") and "budget" not in what:
+            return f"{what}, the whole form {why}"
+        return what
     return why
 
 
