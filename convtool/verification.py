@@ -1,9 +1,11 @@
 """Numerical proof that every form is the conv: comparisons against torch's own conv.
 
 The oracle is always PyTorch itself (the layer's module forward, i.e. `F.conv*d` after the padding
-map); the candidates are convtool's forms of the same layer in the same dtype:
+map), run in float64 on the same weights and inputs as the candidates, which are convtool's forms
+of the same layer in the verify dtype:
 
-- ``toeplitz-dense`` / ``toeplitz-sparse``: `T @ x + b` with `T` from :func:`convtool.matrices`,
+- ``toeplitz-dense`` / ``toeplitz-sparse``: `T @ x + b` with `T` from :mod:`convtool.matrices`
+  (dense one block of rows at a time, so `T` is never held whole),
 - ``toeplitz-sampled``: when even the sparse `T` exceeds the memory budget, the exact rows of a
   random sample of output channels (for a transposed conv: the exact columns of a random sample of
   input channels, fed an input that is zero elsewhere), built with
@@ -11,11 +13,16 @@ map); the candidates are convtool's forms of the same layer in the same dtype:
 - ``lc``: the locally-connected module (not applicable to transposed convs),
 - ``fc-dense`` / ``fc-sparse``: the fully-connected module,
 
-and, for a model, the whole converted model against the original (end to end).
+and, for a model, the whole model run with each conv's computation replaced by its form (end to
+end), one form alive at a time. Each form is built, run and freed before the next.
 
 Every comparison runs on a batch of inputs: `trials` seeded standard-normal inputs, then an
-all-ones and an all-zeros input. :func:`compare` follows Polygraphy: it returns a
-:class:`Comparison` whose max errors are the tightest tolerances that would have passed.
+all-ones and an all-zeros input. Without user rtol/atol each element is judged against the
+rounding-error bound of its dot product (:mod:`convtool.error_bounds`); :func:`compare` follows
+Polygraphy: it returns a :class:`Comparison` whose max errors are the tightest tolerances that
+would have passed. The memory budget is `max_memory` or the machine's total memory
+(:func:`convtool.resources.memory_budget`), never the momentary free memory, so one call checks
+the same forms on every run.
 
 This module never imports typer or rich; rendering lives in :mod:`convtool.render.verify`.
 """
