@@ -10,8 +10,9 @@ benchmarks.resnet18:make_resnet18`) and reads the child's peak RSS from `os.wait
 For each verify it also prints `ref = interpreter + 1.5 x the largest single form the run
 compared (from its --json report) + the model (the one loaded, float32, and verify's copy in
 its dtype: 3x the float32 size in float64)` and `ratio = peak / ref`; for each convert
-`ref = interpreter + 1.3 x the converted model (the file written)`. ratio <= 1 meets issue 15's targets ("about 1.5x the largest form
-plus the model", "at most 1.3x the converted model"). The interpreter is the peak RSS of
+`ref = interpreter + 1.3 x the converted model (the file written)`. ratio <= 1 meets issue
+15's targets ("about 1.5x the largest form plus the model", "at most 1.3x the converted
+model"). The interpreter is the peak RSS of
 `python -m convtool --version` (python + torch).
 
 Usage:
