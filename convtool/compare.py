@@ -7,6 +7,7 @@ would have passed; the pass rule is `torch.isclose`'s (|actual - expected| <= at
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ __all__ = [
     "Comparison",
     "Tolerance",
     "compare",
+    "compare_to_bound",
     "default_tolerance",
     "parse_dtype",
     "resolve_tolerance",
@@ -42,16 +44,25 @@ class Tolerance:
     """`|actual - expected| <= atol + rtol * |expected|` elementwise, as `torch.testing`.
 
     Attributes:
-        rtol, atol: the tolerances.
-        source: where they came from, e.g. 'torch.testing defaults for float64' or 'user'.
+        rtol, atol: the tolerances (0 when `arithmetic`).
+        source: where they came from, e.g. 'torch.testing defaults for float64' or 'user', or
+            the rounding-error bound used when `arithmetic`.
+        arithmetic: judge each element against a bound derived from the arithmetic (see
+            :mod:`convtool.error_bounds`) instead of rtol/atol.
     """
 
     rtol: float
     atol: float
     source: str
+    arithmetic: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rtol": self.rtol, "atol": self.atol, "source": self.source}
+        return {
+            "rtol": self.rtol,
+            "atol": self.atol,
+            "source": self.source,
+            "arithmetic_bound": self.arithmetic,
+        }
 
 
 def default_tolerance(*dtypes: torch.dtype) -> Tolerance:
@@ -119,6 +130,9 @@ class Comparison:
         atol_needed: smallest atol that passes with `rtol`.
         passed: no mismatch and equal shapes.
         note: why a comparison failed before any arithmetic (shape mismatch), else ''.
+        bound_ratio: for :func:`compare_to_bound`, max over elements of error / bound (passes
+            when <= 1); None for an rtol/atol comparison.
+        bound_source: for :func:`compare_to_bound`, the bound used.
     """
 
     shape: tuple[int, ...]
@@ -136,6 +150,8 @@ class Comparison:
     atol_needed: float
     passed: bool
     note: str = ""
+    bound_ratio: float | None = None
+    bound_source: str = ""
 
     def __bool__(self) -> bool:
         return self.passed
@@ -167,6 +183,8 @@ class Comparison:
             "nonfinite": self.nonfinite,
             "numel": self.numel,
             "worst_index": list(self.worst_index) if self.worst_index is not None else None,
+            "bound_ratio": None if self.bound_ratio is None else _num(self.bound_ratio),
+            "bound": self.bound_source or None,
         }
 
 
@@ -264,3 +282,43 @@ def _unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
         flat, i = divmod(flat, size)
         index.append(i)
     return tuple(reversed(index))
+
+
+def compare_to_bound(expected: Any, actual: Any, bound: Any, *, source: str) -> Comparison:
+    """Compare elementwise against a per-element error bound: passes where `|a - e| <= bound`.
+
+    Args:
+        expected: the reference (best computed in a wider dtype than `actual`).
+        actual: the candidate, same shape.
+        bound: non-negative, same shape (or broadcastable): the largest error the arithmetic
+            allows at each element.
+        source: the bound's description, recorded in the result.
+
+    Returns:
+        A :class:`Comparison` with `rtol = atol = 0`, `bound_ratio` = max of error / bound and the
+        usual tightest tolerances (max abs / rel error). NaN/inf is a mismatch, as in
+        :func:`compare`.
+    """
+    e, a = _as_tensor(expected, "expected"), _as_tensor(actual, "actual")
+    if e.shape != a.shape:
+        cmp = compare(e, a, 0.0, 0.0, tolerance_source=source)
+        return dataclasses.replace(cmp, bound_ratio=math.inf, bound_source=source)
+    b = _as_tensor(bound, "bound").to(torch.float64).expand(e.shape).reshape(-1)
+    base = compare(e, a, 0.0, 0.0, tolerance_source=source)
+    e64, a64 = e.to(torch.float64).reshape(-1), a.to(torch.float64).reshape(-1)
+    finite = torch.isfinite(e64) & torch.isfinite(a64)
+    diff = torch.where(finite, (a64 - e64).abs(), 0.0)
+    mismatches = int((diff > b).sum()) + base.nonfinite
+    if base.nonfinite:
+        ratio = math.inf
+    elif diff.numel() == 0:
+        ratio = 0.0
+    else:
+        ratio = float(torch.where(diff == 0, 0.0, diff / b).max())
+    return dataclasses.replace(
+        base,
+        mismatches=mismatches,
+        passed=mismatches == 0,
+        bound_ratio=ratio,
+        bound_source=source,
+    )

@@ -99,6 +99,7 @@ def to_fully_connected(
     *,
     sparse: bool = False,
     layout: SparseLayout = "csr",
+    max_memory: int | None = None,
 ) -> FullyConnected:
     """The fully-connected layer `y = T x + b` equal to `conv` on `input_shape`.
 
@@ -108,6 +109,7 @@ def to_fully_connected(
         sparse: store `T` as a torch sparse buffer (built from its indices, never densely)
             instead of a dense trainable parameter.
         layout: 'csr' (fast on CPU) or 'coo', when `sparse`.
+        max_memory: bytes the dense `T` may take (default: the available memory).
 
     Returns:
         A :class:`~convtool.layers.FullyConnected` taking `(N, C_in, *spatial)` and returning
@@ -120,10 +122,14 @@ def to_fully_connected(
     spec = ConvSpec.from_module(conv)
     sample = spec.sample_shape(input_shape)
     weight = _weight(conv)
-    t = matrix(spec, weight, sample, sparse=sparse, layout=layout)  # checks memory first
+    t = matrix(spec, weight, sample, sparse=sparse, layout=layout, max_memory=max_memory)
     bias = getattr(conv, "bias", None)
     b = bias_vector_for(spec, bias, sample, weight.dtype) if isinstance(bias, Tensor) else None
     out_shape = spec.output_shape(sample)
     return FullyConnected(
-        sample, out_shape, t.to(weight.device), None if b is None else b.to(weight.device)
+        sample,
+        out_shape,
+        t.to(weight.device),
+        None if b is None else b.to(weight.device),
+        copy=False,  # `t` is ours: a clone would double the peak
     )

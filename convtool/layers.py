@@ -428,8 +428,10 @@ class FullyConnected(nn.Module):
         in_shape: one input sample, e.g. `(C_in, H, W)`; `in_features = prod(in_shape)`.
         out_shape: one output sample, e.g. `(C_out, H_out, W_out)`.
         matrix: `T`, `(out_features, in_features)`, dense or torch sparse (COO or CSR). It is
-            copied (COO is coalesced).
+            copied (COO is coalesced) unless `copy=False`.
         bias: `(out_features,)` or None for no bias.
+        copy: False to take `matrix` itself (dense: as the parameter's storage) when nothing
+            else holds it; a clone of a large `T` doubles the peak memory for nothing.
 
     Shape:
         Input `(N, *in_shape)` or `in_shape`; output `(N, *out_shape)` or `out_shape`.
@@ -444,6 +446,8 @@ class FullyConnected(nn.Module):
         out_shape: Sequence[int],
         matrix: Tensor,
         bias: Tensor | None = None,
+        *,
+        copy: bool = True,
     ) -> None:
         super().__init__()
         self.in_shape = tuple(int(s) for s in in_shape)
@@ -465,10 +469,13 @@ class FullyConnected(nn.Module):
         self.weight: Tensor
         if self.sparse:
             t = matrix.detach()
-            t = t.coalesce() if t.layout == torch.sparse_coo else t.clone()
+            if t.layout == torch.sparse_coo:
+                t = t.coalesce()
+            elif copy:
+                t = t.clone()
             self.register_buffer("weight", t)
         else:
-            self.weight = nn.Parameter(matrix.detach().clone())
+            self.weight = nn.Parameter(matrix.detach().clone() if copy else matrix.detach())
         self.bias: nn.Parameter | None
         if bias is None:
             self.register_parameter("bias", None)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import resource
 import shutil
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 
 from convtool.errors import ConvtoolError
@@ -44,6 +49,79 @@ def available_memory() -> int:
         return 1 << 62  # unknown platform: do not block
 
 
+def total_memory() -> int:
+    """Bytes this process may use at most, the same on every run: the smallest of the machine's
+    total memory (MemTotal), the cgroup's memory.max and the address-space limit (RLIMIT_AS,
+    e.g. `prlimit --as`). Unlike :func:`available_memory` it does not move with other processes.
+    """
+    limits = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    limits.append(int(line.split()[1]) * 1024)
+                    break
+    except OSError:
+        pass
+    if not limits:
+        try:
+            limits.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            limits.append(1 << 62)  # unknown platform: do not block
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            text = f.read().strip()
+        if text.isdigit():
+            limits.append(int(text))
+    except OSError:
+        pass
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if soft != resource.RLIM_INFINITY and soft > 0:
+        limits.append(int(soft))
+    return min(limits)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A deterministic memory budget and where it came from.
+
+    Attributes:
+        nbytes: bytes one piece of work may take.
+        source: 'max_memory' (given by the caller) or 'total memory' (:func:`total_memory`).
+    """
+
+    nbytes: int
+    source: str
+
+    def describe(self) -> str:
+        """E.g. 'the memory budget of 8.0 GiB (max_memory)'."""
+        return f"the memory budget of {human_bytes(self.nbytes)} ({self.source})"
+
+
+def memory_budget(max_memory: int | None) -> Budget:
+    """`max_memory` when given, else :func:`total_memory`; never the momentary free memory,
+    so the same call checks the same things on every run."""
+    if max_memory is not None:
+        return Budget(int(max_memory), "max_memory")
+    return Budget(total_memory(), "total memory")
+
+
+# A caller that works to a deterministic budget (verify) sets it here for the checks made by
+# the code it calls, which would otherwise compare against the momentary available memory.
+_LIMIT: ContextVar[int | None] = ContextVar("convtool_memory_limit", default=None)
+
+
+@contextlib.contextmanager
+def memory_limit(nbytes: int) -> Iterator[None]:
+    """Within the block, :func:`check_memory` without an explicit limit uses `nbytes` instead of
+    the available memory."""
+    token = _LIMIT.set(int(nbytes))
+    try:
+        yield
+    finally:
+        _LIMIT.reset(token)
+
+
 def check_memory(
     nbytes: int,
     what: str,
@@ -63,10 +141,13 @@ def check_memory(
         params: the parameters `alternative` names (see :class:`ConvtoolError`).
         limit_param: the caller's name for `limit` (`max_memory`, `memory_limit`).
     """
-    budget = available_memory() if limit is None else limit
+    ambient = _LIMIT.get()
+    budget = limit if limit is not None else ambient if ambient is not None else available_memory()
     if nbytes > budget:
         if limit is not None:
             source, params = f"`{limit_param}` is ", (*params, limit_param)
+        elif ambient is not None:
+            source = "the memory budget is "
         else:
             source = "available memory is "
         raise ConvtoolError(

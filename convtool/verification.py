@@ -1,9 +1,11 @@
 """Numerical proof that every form is the conv: comparisons against torch's own conv.
 
 The oracle is always PyTorch itself (the layer's module forward, i.e. `F.conv*d` after the padding
-map); the candidates are convtool's forms of the same layer in the same dtype:
+map), run in float64 on the same weights and inputs as the candidates, which are convtool's forms
+of the same layer in the verify dtype:
 
-- ``toeplitz_dense`` / ``toeplitz_sparse``: `T @ x + b` with `T` from :func:`convtool.matrices`,
+- ``toeplitz_dense`` / ``toeplitz_sparse``: `T @ x + b` with `T` from :mod:`convtool.matrices`
+  (dense one block of rows at a time, so `T` is never held whole),
 - ``toeplitz_sampled``: when even the sparse `T` exceeds the memory budget, the exact rows of a
   random sample of output channels (for a transposed conv: the exact columns of a random sample of
   input channels, fed an input that is zero elsewhere), built with
@@ -11,11 +13,16 @@ map); the candidates are convtool's forms of the same layer in the same dtype:
 - ``lc``: the locally-connected module (not applicable to transposed convs),
 - ``fc_dense`` / ``fc_sparse``: the fully-connected module,
 
-and, for a model, the whole converted model against the original (end to end).
+and, for a model, the whole model run with each conv's computation replaced by its form (end to
+end), one form alive at a time. Each form is built, run and freed before the next.
 
 Every comparison runs on a batch of inputs: `trials` seeded standard-normal inputs, then an
-all-ones and an all-zeros input. :func:`compare` follows Polygraphy: it returns a
-:class:`Comparison` whose max errors are the tightest tolerances that would have passed.
+all-ones and an all-zeros input. Without user rtol/atol each element is judged against the
+rounding-error bound of its dot product (:mod:`convtool.error_bounds`); :func:`compare` follows
+Polygraphy: it returns a :class:`Comparison` whose max errors are the tightest tolerances that
+would have passed. The memory budget is `max_memory` or the machine's total memory
+(:func:`convtool.resources.memory_budget`), never the momentary free memory, so one call checks
+the same forms on every run.
 
 This module never imports typer or rich; rendering lives in :mod:`convtool.render.verify`.
 """
@@ -39,15 +46,29 @@ from convtool.compare import (
     Comparison,
     Tolerance,
     compare,
+    compare_to_bound,
     default_tolerance,
     parse_dtype,
     resolve_tolerance,
 )
+from convtool.error_bounds import (
+    BoundTerms,
+    bound_description,
+    conv_bound_terms,
+    elementwise_bound,
+    unit_roundoff,
+)
 from convtool.errors import ConvtoolError
 from convtool.forms import Form, ModelTarget, Target, forms_of, model_forms_of
 from convtool.io.source import ConvLayer
-from convtool.matrices import bias_vector_for, coo_entries, matrix, matrix_info
-from convtool.resources import available_memory, human_bytes
+from convtool.matrices import (
+    bias_vector_for,
+    coo_entries,
+    dense_row_blocks,
+    matrix,
+    matrix_info,
+)
+from convtool.resources import Budget, human_bytes, memory_budget, memory_limit, total_memory
 from convtool.spec import ConvSpec, build_conv, is_conv
 
 __all__ = [
@@ -92,6 +113,8 @@ class FormCheck:
         worst_input: which input ('random 0', 'ones', ...) holds the largest error.
         note: how the check was done or why it was not.
         seconds: wall time of building the candidate and comparing.
+        partial: for a comparison that covered only part of the form (sampled rows, or a model
+            with some convs left unconverted), what was left out and why; '' when complete.
     """
 
     name: str
@@ -104,6 +127,7 @@ class FormCheck:
     worst_input: str | None = None
     note: str = ""
     seconds: float = 0.0
+    partial: str = ""
 
     @property
     def passed(self) -> bool | None:
@@ -125,6 +149,7 @@ class FormCheck:
             "worst_input": self.worst_input,
             "note": self.note,
             "seconds": round(self.seconds, 4),
+            "partial": self.partial or None,
             **{k: v for k, v in cmp.items() if k not in ("max_abs_error", "max_rel_error")},
         }
 
@@ -141,6 +166,7 @@ class VerifyReport:
         inputs: labels of the inputs, in batch order ('random 0', ..., 'ones', 'zeros').
         trials, seed: as requested.
         notes: anything the reader should know (e.g. why end-to-end did not run).
+        strict: any skipped or partial check makes the report fail.
     """
 
     checks: list[FormCheck]
@@ -151,6 +177,12 @@ class VerifyReport:
     trials: int
     seed: int
     notes: list[str] = field(default_factory=list)
+    strict: bool = False
+
+    @property
+    def unchecked(self) -> list[FormCheck]:
+        """Checks that were skipped or covered only part of their form."""
+        return [c for c in self.all_checks if c.status == SKIPPED or c.partial]
 
     @property
     def all_checks(self) -> list[FormCheck]:
@@ -158,8 +190,11 @@ class VerifyReport:
 
     @property
     def passed(self) -> bool:
-        """No comparison failed and at least one ran (skips alone prove nothing)."""
+        """No comparison failed and at least one ran (skips alone prove nothing); with
+        `strict`, nothing was skipped or only partly checked either."""
         statuses = [c.status for c in self.all_checks]
+        if self.strict and self.unchecked:
+            return False
         return FAILED not in statuses and PASSED in statuses
 
     def __bool__(self) -> bool:
@@ -180,7 +215,11 @@ class VerifyReport:
             "trials": self.trials,
             "seed": self.seed,
             "inputs": self.inputs,
-            "summary": {s: self.count(s) for s in (PASSED, FAILED, SKIPPED, NOT_APPLICABLE)},
+            "strict": self.strict,
+            "summary": {
+                **{s: self.count(s) for s in (PASSED, FAILED, SKIPPED, NOT_APPLICABLE)},
+                "partial": sum(bool(c.partial) for c in self.all_checks),
+            },
             "layers": [c.to_dict() for c in self.checks],
             "end_to_end": [c.to_dict() for c in self.end_to_end] or None,
             "notes": self.notes,
@@ -233,10 +272,6 @@ def _check_counts(trials: int, seed: int) -> None:
         raise ConvtoolError(f"seed must be a non-negative int, got {seed!r}")
 
 
-def _budget(max_memory: int | None) -> int:
-    return available_memory() if max_memory is None else max_memory
-
-
 def _quiet_forward(module: nn.Module, x: Tensor) -> Any:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -246,7 +281,7 @@ def _quiet_forward(module: nn.Module, x: Tensor) -> Any:
 # ---------------------------------------------------------------------------------- one layer
 @dataclass
 class _LayerRun:
-    """What every form of one layer shares: inputs, oracle output, sizes."""
+    """What every form of one layer shares: inputs, float64 reference, bounds, sizes."""
 
     layer: ConvLayer
     spec: ConvSpec
@@ -255,12 +290,16 @@ class _LayerRun:
     sample: tuple[int, ...]
     out: tuple[int, ...]
     x: Tensor  # (K, *sample)
-    expected: Tensor  # (K, *out)
+    terms: BoundTerms  # float64 reference (K, *out) and the magnitudes the bound scales with
     tol: Tolerance
     labels: list[str]
-    budget: int
+    budget: Budget
     seed: int
     warning: str = ""  # NaN/inf in the weights: every form is expected to fail
+
+    @property
+    def expected(self) -> Tensor:
+        return self.terms.expected
 
     def result(self, form: str, status: str, **kwargs: Any) -> FormCheck:
         return FormCheck(
@@ -274,11 +313,17 @@ class _LayerRun:
         )
 
     def judge(
-        self, form: str, actual: Tensor, note: str = "", expected: Tensor | None = None
+        self,
+        form: str,
+        actual: Tensor,
+        note: str = "",
+        terms: BoundTerms | None = None,
+        channels: Tensor | None = None,
     ) -> FormCheck:
-        """Compare `actual` with the oracle's output (or `expected`) and wrap the result."""
-        ref = self.expected if expected is None else expected
-        cmp = compare(ref, actual, self.tol.rtol, self.tol.atol, tolerance_source=self.tol.source)
+        """Compare `actual` with the reference (or `terms`' reference), restricted to output
+        `channels` (dim 1) when given, and wrap the result."""
+        ref = self.terms if terms is None else terms
+        cmp = _judge(ref, actual, self.tol, self.x.dtype, self.labels, channels)
         worst = self.labels[cmp.worst_index[0]] if cmp.worst_index is not None else None
         status = PASSED if cmp.passed else FAILED
         extra = [cmp.note]
@@ -286,6 +331,24 @@ class _LayerRun:
             extra.append(f"{cmp.nonfinite} output position(s) hold NaN/inf{self.warning}")
         note = "; ".join(n for n in (note, *extra) if n)
         return self.result(form, status, comparison=cmp, worst_input=worst, note=note)
+
+
+def _judge(
+    terms: BoundTerms,
+    actual: Tensor,
+    tol: Tolerance,
+    dtype: torch.dtype,
+    labels: list[str],
+    channels: Tensor | None = None,
+) -> Comparison:
+    expected = terms.expected if channels is None else terms.expected[:, channels]
+    if not tol.arithmetic:
+        return compare(expected, actual, tol.rtol, tol.atol, tolerance_source=tol.source)
+    random = torch.tensor([label.startswith("random") for label in labels])
+    bound = elementwise_bound(terms, dtype, random)
+    if channels is not None:
+        bound = bound[:, channels]
+    return compare_to_bound(expected, actual, bound, source=tol.source)
 
 
 def check_layer(
@@ -301,7 +364,7 @@ def check_layer(
     max_memory: int | None = None,
     advance: Advance | None = None,
 ) -> list[FormCheck]:
-    """Every form of one conv layer against the layer itself (see module docstring).
+    """Every form of one conv layer against a float64 reference of the layer (module docstring).
 
     Args:
         layer: a :class:`~convtool.io.source.ConvLayer` or an `nn.Conv*d`/`nn.ConvTranspose*d`.
@@ -309,9 +372,11 @@ def check_layer(
         to: 'toeplitz', 'lc', 'fc' or 'all'.
         dtype: float32 or float64; weights and inputs are cast to it.
         trials: random inputs besides the all-ones and zero inputs.
-        rtol, atol: both or neither (neither: `torch.testing`'s defaults for `dtype`).
-        max_memory: bytes any one form may use (default: available memory); larger forms are
-            skipped, and the Toeplitz product falls back to sampled rows.
+        rtol, atol: both or neither. Neither: each element is judged against the rounding-error
+            bound of its dot product (:mod:`convtool.error_bounds`).
+        max_memory: bytes any one form may use (default: the machine's total memory, so the
+            same command checks the same forms on every run); larger forms are skipped, and
+            the Toeplitz products fall back to sampled rows.
         advance: called with each :class:`FormCheck` as it completes.
 
     Returns:
@@ -319,7 +384,7 @@ def check_layer(
     """
     dtype = parse_dtype(dtype)
     _check_counts(trials, seed)
-    tol = resolve_tolerance(dtype, rtol, atol)
+    tol = _tolerance(dtype, rtol, atol)
     forms = form_names(to)
     run = _prepare(_as_layer(layer), input_shape, dtype, trials, seed, tol, max_memory)
     checks = []
@@ -331,6 +396,13 @@ def check_layer(
         if advance is not None:
             advance(check)
     return checks
+
+
+def _tolerance(dtype: torch.dtype, rtol: float | None, atol: float | None) -> Tolerance:
+    """The user's rtol/atol, or (neither given) the per-element rounding-error bound."""
+    if rtol is None and atol is None:
+        return Tolerance(0.0, 0.0, bound_description(dtype), arithmetic=True)
+    return resolve_tolerance(dtype, rtol, atol)
 
 
 def _as_layer(layer: ConvLayer | nn.Module) -> ConvLayer:
@@ -369,18 +441,20 @@ def _prepare(
     # outputs, and as much again while comparing (see _io_bytes), must fit in the machine.
     itemsize = torch.empty((), dtype=dtype).element_size()
     io_bytes = (trials + 2) * (math.prod(sample) + math.prod(out)) * itemsize * 2
-    if io_bytes > available_memory():
+    if io_bytes > total_memory():
         raise ConvtoolError(
             f"checking {spec.describe()} on input {sample} (output {out}) needs "
             f"{human_bytes(io_bytes)} for {trials + 2} inputs and the conv's outputs, more than "
-            f"the available memory ({human_bytes(available_memory())}); use a smaller input "
+            f"the machine's memory ({human_bytes(total_memory())}); use a smaller input "
             f"shape or fewer trials"
         )
     weight = layer.weight.detach().to(dtype)
     bias = layer.bias.detach().to(dtype) if layer.bias is not None else None
-    oracle = conv_module(spec, weight, bias, dtype)
+    conv_module(spec, weight, bias, dtype)  # the weight's shape must fit the spec
     x = make_inputs(sample, trials, seed, dtype)
-    expected = _quiet_forward(oracle, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        terms = conv_bound_terms(spec, weight, bias, x)
     bad = [
         f"{int((~torch.isfinite(t)).sum())} in the {what}"
         for what, t in (("weight", weight), ("bias", bias))
@@ -388,13 +462,13 @@ def _prepare(
     ]
     warning = f" (NaN/inf values: {', '.join(bad)})" if bad else ""
     return _LayerRun(
-        layer, spec, weight, bias, sample, out, x, expected, tol, input_labels(trials),
-        _budget(max_memory), seed, warning,
+        layer, spec, weight, bias, sample, out, x, terms, tol, input_labels(trials),
+        memory_budget(max_memory), seed, warning,
     )  # fmt: skip
 
 
-def _too_big(need: int, budget: int) -> str:
-    return f"needs {human_bytes(need)} > budget {human_bytes(budget)}"
+def _too_big(need: int, budget: Budget) -> str:
+    return f"needs {human_bytes(need)} > {budget.describe()}"
 
 
 def _sparse_need(nnz: int, rows: int, itemsize: int) -> int:
@@ -402,18 +476,31 @@ def _sparse_need(nnz: int, rows: int, itemsize: int) -> int:
 
 
 def _io_bytes(run: _LayerRun) -> int:
-    return (run.x.numel() + run.expected.numel()) * run.x.element_size() * 2
+    # inputs, the candidate's output and the float64 reference with its two magnitude terms
+    return run.x.numel() * run.x.element_size() + run.expected.numel() * (
+        run.x.element_size() + 3 * 8
+    )
+
+
+_BLOCK_BYTES = 64 * 2**20  # a dense row block; T itself is never held whole
 
 
 def _toeplitz_dense(run: _LayerRun) -> FormCheck:
+    """`T @ x + b` one block of rows at a time (the dense builder's own blocks)."""
     info = matrix_info(run.spec, run.sample, run.weight.dtype)
     need = info.dense_bytes + _io_bytes(run)
-    if need > run.budget:
+    if need > run.budget.nbytes:
         return run.result(
             Form.TOEPLITZ_DENSE, SKIPPED, note=f"dense T {_too_big(need, run.budget)}"
         )
-    t = matrix(run.spec, run.weight, run.sample)
-    y = run.x.reshape(run.x.shape[0], -1) @ t.T + _bias(run)
+    rows, cols = info.shape
+    block_rows = max(1, _BLOCK_BYTES // max(1, cols * info.itemsize))
+    xf = run.x.reshape(run.x.shape[0], -1)
+    y = xf.new_empty((xf.shape[0], rows))
+    for r0, block in dense_row_blocks(run.spec, run.weight, run.sample, block_rows):
+        y[:, r0 : r0 + block.shape[0]] = xf @ block.T
+        del block
+    y += _bias(run)
     return run.judge(Form.TOEPLITZ_DENSE, y.reshape(run.expected.shape))
 
 
@@ -424,10 +511,11 @@ def _bias(run: _LayerRun) -> Tensor:
 def _toeplitz_sparse(run: _LayerRun) -> FormCheck:
     info = matrix_info(run.spec, run.sample, run.weight.dtype)
     need = _sparse_need(info.nnz, info.shape[0], info.itemsize) + _io_bytes(run)
-    if need > run.budget:
+    if need > run.budget.nbytes:
         return _toeplitz_sampled(run, f"sparse T {_too_big(need, run.budget)}")
     t = matrix(run.spec, run.weight, run.sample, sparse=True, layout="csr")
     y = (t @ run.x.reshape(run.x.shape[0], -1).T).T + _bias(run)
+    del t
     return run.judge(Form.TOEPLITZ_SPARSE, y.reshape(run.expected.shape))
 
 
@@ -435,31 +523,35 @@ def _toeplitz_sampled(run: _LayerRun, why: str) -> FormCheck:
     """Exact rows (conv) or columns (transposed) of a few channels, one channel at a time."""
     spec, k = run.spec, run.x.shape[0]
     per_channel = _template_bytes(run, k)
-    room = (run.budget - _io_bytes(run)) // max(1, per_channel)
+    room = (run.budget.nbytes - _io_bytes(run)) // max(1, per_channel)
     fit = min(room, max(1, _SAMPLE_ENTRIES // _entries(run)), 8)
     if fit < 1:
         return run.result(
             Form.TOEPLITZ_SAMPLED, SKIPPED,
-            note=f"{why}; even one channel's rows {_too_big(per_channel, run.budget)}",
+            note=f"{why}; even one channel's rows with the inputs and reference "
+            f"{_too_big(per_channel + _io_bytes(run), run.budget)}",
         )  # fmt: skip
     gen = torch.Generator().manual_seed(run.seed + 1)
     if not spec.transposed:
         picks = torch.randperm(spec.out_channels, generator=gen)[:fit].sort().values
         actual = _sampled_rows(run, [int(c) for c in picks])
-        expected = run.expected[:, picks]
         what = f"rows of {len(picks)} of {spec.out_channels} output channels ({_list(picks)})"
-        return run.judge(Form.TOEPLITZ_SAMPLED, actual, f"{why}; checked the {what}", expected)
+        note = f"{why}; checked the {what}"
+        check = run.judge(Form.TOEPLITZ_SAMPLED, actual, note, channels=picks)
+        return dataclasses.replace(check, partial=f"only the {what}: {why}")
     # T = F^T: columns of T are rows of the forward matrix F, one per input channel.
     picks = torch.randperm(spec.in_channels, generator=gen)[:fit].sort().values
     mask = torch.zeros(spec.in_channels, dtype=torch.bool)
     mask[picks] = True
     x = run.x * mask.view(1, -1, *([1] * spec.ndim)).to(run.x.dtype)
-    oracle = conv_module(spec, run.weight, run.bias, run.weight.dtype)
-    expected = _quiet_forward(oracle, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        terms = conv_bound_terms(spec, run.weight, run.bias, x)
     actual = _sampled_columns(run, x, [int(c) for c in picks])
     what = f"columns of {len(picks)} of {spec.in_channels} input channels ({_list(picks)})"
     note = f"{why}; checked the {what} on inputs zero elsewhere"
-    return run.judge(Form.TOEPLITZ_SAMPLED, actual, note, expected)
+    check = run.judge(Form.TOEPLITZ_SAMPLED, actual, note, terms=terms)
+    return dataclasses.replace(check, partial=f"only the {what}: {why}")
 
 
 def _list(picks: Tensor) -> str:
@@ -510,7 +602,8 @@ def _lc_need(run: _LayerRun) -> int:
     p_out = math.prod(run.out[1:])
     weight = spec.out_channels * p_out * (spec.in_channels // spec.groups) * spec.kernel_numel
     unfold = run.x.shape[0] * spec.in_channels * spec.kernel_numel * p_out
-    return (2 * weight + 2 * unfold) * item + _io_bytes(run)
+    # the LC weight once (built, then filled in place) and the unfolded input with its product
+    return (weight + 2 * unfold) * item + _io_bytes(run)
 
 
 def _lc(run: _LayerRun) -> FormCheck:
@@ -519,7 +612,7 @@ def _lc(run: _LayerRun) -> FormCheck:
             Form.LC, NOT_APPLICABLE, note="a transposed conv has no locally-connected form"
         )
     need = _lc_need(run)
-    if need > run.budget:
+    if need > run.budget.nbytes:
         return run.result(Form.LC, SKIPPED, note=f"LC module {_too_big(need, run.budget)}")
     return _module_form(run, Form.LC, lambda conv: convert.to_locally_connected(conv, run.sample))
 
@@ -528,11 +621,15 @@ def _fc(run: _LayerRun, sparse: bool) -> FormCheck:
     form = Form.FC_SPARSE if sparse else Form.FC_DENSE
     info = matrix_info(run.spec, run.sample, run.weight.dtype)
     sparse_need = _sparse_need(info.nnz, info.shape[0], info.itemsize)
-    need = (sparse_need if sparse else 2 * info.dense_bytes) + _io_bytes(run)
-    if need > run.budget:
+    need = (sparse_need if sparse else info.dense_bytes) + _io_bytes(run)
+    if need > run.budget.nbytes:
         return run.result(form, SKIPPED, note=f"FC module {_too_big(need, run.budget)}")
     return _module_form(
-        run, form, lambda conv: convert.to_fully_connected(conv, run.sample, sparse=sparse)
+        run,
+        form,
+        lambda conv: convert.to_fully_connected(
+            conv, run.sample, sparse=sparse, max_memory=run.budget.nbytes
+        ),
     )
 
 
@@ -543,6 +640,7 @@ def _module_form(run: _LayerRun, form: str, build: Callable[[nn.Module], nn.Modu
     except ConvtoolError as exc:  # e.g. a converter refusing NaN weights: not a pass
         return run.result(form, FAILED, note=f"building the {form} form failed: {exc}")
     actual = _quiet_forward(candidate.eval(), run.x)
+    del candidate, conv  # before comparing: one form alive at a time
     if not isinstance(actual, Tensor):
         return run.result(form, FAILED, note=f"the {form} module returned {type(actual).__name__}")
     return run.judge(form, actual)
@@ -558,13 +656,23 @@ _FORM_CHECKS: dict[str, Callable[[_LayerRun], FormCheck]] = {
 
 
 # ---------------------------------------------------------------------------------- a model
-def _flatten_outputs(out: Any) -> Tensor:
-    """All tensors of a (nested) model output, flattened and concatenated in order."""
+# End to end, float32: the converted model is judged against the float64 reference relative to
+# the error of torch's own float32 run of the original model on the same inputs (the error of a
+# deep network is not a sum of per-layer bounds one can write down: nonlinearities and
+# normalisation amplify or damp it). Each element may be off by this many times the largest
+# error torch's own float32 run makes on that input, plus as many float32 roundings of itself.
+# Converted forms add in other orders (CSR rows are sequential sums), so their per-layer
+# errors run up to ~10x torch's; 64 leaves room for that (benchmarks/whole_model.py prints the
+# ratios observed on a ResNet-18-shaped network).
+MODEL_KAPPA = 64.0
+
+
+def _leaves(out: Any) -> list[Tensor]:
     leaves: list[Tensor] = []
 
     def walk(value: Any) -> None:
         if isinstance(value, Tensor):
-            leaves.append(value.detach().reshape(-1))
+            leaves.append(value.detach())
         elif isinstance(value, dict):
             for key in value:
                 walk(value[key])
@@ -573,22 +681,64 @@ def _flatten_outputs(out: Any) -> Tensor:
                 walk(item)
 
     walk(out)
+    return leaves
+
+
+def _flatten_outputs(out: Any) -> Tensor:
+    """All tensors of a (nested) model output, flattened and concatenated in order."""
+    leaves = _leaves(out)
     if not leaves:
         raise ConvtoolError(f"the model returned no tensor (got {type(out).__name__})")
-    return torch.cat([t.to(torch.float64) if t.is_floating_point() else t for t in leaves])
+    return torch.cat([_wide(t).reshape(-1) for t in leaves])
 
 
-def _run_model(model: nn.Module, inputs: Tensor) -> Tensor:
-    """Outputs for each example input `(K, *example_shape)`: `(K, numel of one output)`."""
+def _wide(t: Tensor) -> Tensor:
+    return t.to(torch.float64) if t.is_floating_point() else t
+
+
+def _run_model(model: nn.Module, inputs: Tensor, batched: bool = False) -> Tensor:
+    """Outputs for each example input `(K, *example_shape)`: `(K, numel of one output)`.
+
+    With `batched`, the K inputs go through one forward, concatenated along the batch dim (see
+    :func:`_batched_outputs`)."""
     try:
+        if batched:
+            out = _batched_outputs(model, inputs)
+            assert out is not None
+            return out
         return torch.stack([_flatten_outputs(_quiet_forward(model, x)) for x in inputs])
-    except ConvtoolError:
+    except (ConvtoolError, _BuildError):
         raise
     except Exception as exc:
         raise ConvtoolError(
             f"running the model on an input of shape {tuple(inputs.shape[1:])} failed: "
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         ) from None
+
+
+def _batched_outputs(model: nn.Module, inputs: Tensor) -> Tensor | None:
+    """`(K, numel)` from one forward on the K inputs stacked along the batch dim, or None when
+    the output is not per-sample along dim 0."""
+    k, n = inputs.shape[0], inputs.shape[1]
+    leaves = _leaves(_quiet_forward(model, inputs.reshape(k * n, *inputs.shape[2:])))
+    if not leaves or any(t.dim() == 0 or t.shape[0] != k * n for t in leaves):
+        return None
+    return torch.cat([_wide(t).reshape(k, -1) for t in leaves], dim=1)
+
+
+def _batches_alike(model: nn.Module, inputs: Tensor, expected: Tensor) -> bool:
+    """Whether one forward on all inputs gives each input's own outputs (BatchNorm in eval,
+    no reshape that mixes samples): then each form is built once, not once per input."""
+    try:
+        out = _batched_outputs(model, inputs)
+    except Exception:
+        return False
+    if out is None or out.shape != expected.shape:
+        return False
+    finite = expected[torch.isfinite(expected)]
+    scale = float(finite.abs().max()) if finite.numel() else 1.0
+    atol = 1e-12 * max(scale, 1e-300)
+    return bool(torch.allclose(out, expected, rtol=1e-9, atol=atol, equal_nan=True))
 
 
 def check_model(
@@ -607,13 +757,20 @@ def check_model(
 ) -> list[FormCheck]:
     """The converted model against the original, on inputs of the example's shape (end to end).
 
-    Each form converts a copy with :func:`convtool.models.convert_with_report`; convs it leaves
-    unconverted (functional calls, convs not called, transposed convs for 'lc') are named in the
-    check's note, since the comparison says nothing about them.
+    The model runs with the computation of each converted conv replaced by its form, built when
+    the conv is called and freed right after, so only one form is in memory at a time (a model
+    converted with :func:`convtool.models.convert_with_report` holds them all). A form larger than
+    the budget is left as the conv and named in `partial`. Convs that are not converted
+    (functional calls, convs called on several shapes, transposed convs for 'lc') are named in
+    the check's note, since the comparison says nothing about them.
+
+    Tolerance: user rtol/atol against a float64 run of the model; without them, in float64,
+    `torch.testing`'s float64 defaults, and in float32 a bound scaled by the error of torch's own
+    float32 run of the original model (:data:`MODEL_KAPPA`).
 
     Args:
-        model: any eager module (or exported GraphModule); a copy in `dtype` and eval mode is
-            converted, `model` itself is untouched. TorchScript modules cannot be converted: their
+        model: any eager module (or exported GraphModule); copies in `dtype` and float64 are
+            used, `model` itself is untouched. TorchScript modules cannot be converted: their
             checks are skipped.
         example_shape: the full example input including batch, e.g. `(1, 3, 32, 32)`.
         layers: names of the convs to convert (default: all).
@@ -624,6 +781,7 @@ def check_model(
     """
     dtype = parse_dtype(dtype)
     _check_counts(trials, seed)
+    user = rtol is not None or atol is not None
     tol = resolve_tolerance(dtype, rtol, atol)
     shape = tuple(int(s) for s in example_shape)
     forms = model_form_names(to)
@@ -631,13 +789,8 @@ def check_model(
     if isinstance(model, torch.jit.ScriptModule):
         why = "a TorchScript module cannot be converted; verify its eager model or .pt2 export"
         checks = [FormCheck(MODEL_NAME, f, SKIPPED, input_shape=shape, note=why) for f in forms]
-    else:
-        with warnings.catch_warnings():  # deep-copying exported GraphModules warns about pytree
-            warnings.simplefilter("ignore")
-            reference = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
-        inputs = make_inputs(shape, trials, seed, dtype)
-        run = _ModelRun(reference, shape, inputs, _run_model(reference, inputs), tol,
-                        input_labels(trials), layers, _budget(max_memory))  # fmt: skip
+    elif forms:
+        run = _model_run(model, shape, dtype, trials, seed, tol, user, layers, max_memory)
         for form in forms:
             started = time.perf_counter()
             check = _model_form(run, form)
@@ -650,14 +803,17 @@ def check_model(
 
 @dataclass
 class _ModelRun:
-    reference: nn.Module
+    work: nn.Module  # a copy in the verify dtype; the forms replace its convs' outputs
     shape: tuple[int, ...]
     inputs: Tensor
-    expected: Tensor
+    expected: Tensor  # float64 reference (K, numel)
+    bound: Tensor | None  # per element; None: use tol
     tol: Tolerance
     labels: list[str]
     layers: Sequence[str] | None
-    budget: int
+    budget: Budget
+    batched: bool
+    capture: models.Capture
 
     def result(self, form: str, status: str, **kwargs: Any) -> FormCheck:
         out = tuple(self.expected.shape[1:])
@@ -665,55 +821,151 @@ class _ModelRun:
                          **kwargs)  # fmt: skip
 
 
-def _model_need(run: _ModelRun, form: str, names: set[str]) -> int:
-    """Bytes the converted convs need (dense T, or sparse T which bounds the LC weights too)."""
-    shapes = models.capture(run.reference, run.shape).input_shapes
-    total = 0
-    for name in names & set(shapes):
-        spec = ConvSpec.from_module(run.reference.get_submodule(name))
-        info = matrix_info(spec, shapes[name], run.inputs.dtype)
-        if form == Form.FC_DENSE:
-            total += 2 * info.dense_bytes
-        else:
-            total += _sparse_need(info.nnz, info.shape[0], info.itemsize)
-    return total
+def _model_run(
+    model: nn.Module,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    trials: int,
+    seed: int,
+    tol: Tolerance,
+    user: bool,
+    layers: Sequence[str] | None,
+    max_memory: int | None,
+) -> _ModelRun:
+    with warnings.catch_warnings():  # deep-copying exported GraphModules warns about pytree
+        warnings.simplefilter("ignore")
+        work = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+        wide = work if dtype == torch.float64 else copy.deepcopy(work).to(torch.float64)
+    inputs = make_inputs(shape, trials, seed, dtype)
+    wide_inputs = inputs.to(torch.float64)
+    expected = _run_model(wide, wide_inputs)
+    batched = _batches_alike(wide, wide_inputs, expected)
+    del wide
+    bound = None
+    if not user and dtype != torch.float64:
+        own = _run_model(work, inputs, batched)
+        if own.shape == expected.shape:
+            u = unit_roundoff(dtype)
+            err = torch.where(torch.isfinite(own), (own - expected).abs(), 0.0)
+            worst = err.amax(dim=1, keepdim=True) if err.numel() else err
+            bound = MODEL_KAPPA * (worst + u * expected.abs())
+            tol = Tolerance(
+                0.0, 0.0,
+                f"{MODEL_KAPPA:g} x (largest error of torch's own {str(dtype)[6:]} run of the "
+                f"model on that input + u*|y|), u={u:.3g}",
+                arithmetic=True,
+            )  # fmt: skip
+    cap = models.capture(work, shape)
+    return _ModelRun(
+        work, shape, inputs, expected, bound, tol, input_labels(trials), layers,
+        memory_budget(max_memory), batched, cap,
+    )  # fmt: skip
+
+
+def _form_need(spec: ConvSpec, sample: tuple[int, ...], form: str, run: _ModelRun) -> int:
+    """Bytes one layer's form takes while it runs on the inputs."""
+    item = run.inputs.element_size()
+    batch = run.inputs.shape[0] * run.shape[0] if run.batched else run.shape[0]
+    info = matrix_info(spec, sample, run.inputs.dtype)
+    out = spec.output_shape(sample)
+    if form == Form.LC:
+        p_out = math.prod(out[1:])
+        taps = spec.in_channels // spec.groups * spec.kernel_numel
+        weight = spec.out_channels * p_out * taps
+        return (weight + 2 * batch * spec.in_channels * spec.kernel_numel * p_out) * item
+    if form == Form.FC_DENSE:
+        return info.dense_bytes
+    return _sparse_need(info.nnz, info.shape[0], info.itemsize)
 
 
 def _model_form(run: _ModelRun, form: str) -> FormCheck:
-    names = set(run.layers) if run.layers is not None else _conv_names(run.reference)
+    names = set(run.layers) if run.layers is not None else _conv_names(run.work)
     to = ModelTarget.LC if form == Form.LC else ModelTarget.FC
     sparse = form == Form.FC_SPARSE
-    kept = _transposed_names(run.reference, names) if to == ModelTarget.LC else []
+    kept = _transposed_names(run.work, names) if to == ModelTarget.LC else []
     names -= set(kept)
     notes = [f"transposed convs have no LC form, kept: {', '.join(kept)}"] if kept else []
-    if not names:
-        return run.result(form, NOT_APPLICABLE, note="; ".join(notes) or "no conv to convert")
-    need = _model_need(run, form, names)
-    if need > run.budget:
-        return run.result(form, SKIPPED, note=f"converted model {_too_big(need, run.budget)}")
+    cap = run.capture
+    plan: dict[str, tuple[int, ...]] = {}
+    over: list[str] = []
+    for name in sorted(names):
+        if name not in cap.input_shapes:
+            notes.append(f"conv {name!r} was not converted: the model does not call it")
+        elif name in cap.conflicts:
+            seen = ", ".join(str(s) for s in cap.conflicts[name])
+            notes.append(f"conv {name!r} was not converted: called on several shapes ({seen})")
+        elif name in cap.custom:
+            notes.append(f"conv {name!r} was not converted: its forward is not a plain conv")
+        else:
+            sample = cap.input_shapes[name]
+            spec = ConvSpec.from_module(run.work.get_submodule(name))
+            need = _form_need(spec, sample, form, run)
+            if need > run.budget.nbytes:
+                over.append(f"{name} ({human_bytes(need)})")
+            else:
+                plan[name] = sample
+    if cap.functional:
+        notes.append(f"{len(cap.functional)} functional conv call(s) left as they are")
+    partial = ""
+    if over:
+        partial = f"{len(over)} conv(s) left unconverted, each over {run.budget.describe()}: "
+        partial += ", ".join(over[:6]) + (", ..." if len(over) > 6 else "")
+        notes.append(partial)
+    if not plan:
+        status = SKIPPED if over else NOT_APPLICABLE
+        return run.result(form, status, note="; ".join(notes) or "no conv to convert")
+    notes.insert(0, f"{len(plan)} conv(s) converted")
     try:
-        converted, conversion = _convert_model(run, to, sparse, names)
-    except ConvtoolError as exc:
+        actual = _run_converted(run, plan, to, sparse)
+    except _BuildError as exc:
         return run.result(form, FAILED, note=f"converting the model failed: {exc}")
-    notes.insert(0, f"{len(conversion.layers)} conv(s) converted")
-    notes.extend(conversion.warnings())
-    actual = _run_model(converted.eval(), run.inputs)
-    cmp = compare(run.expected, actual, run.tol.rtol, run.tol.atol, tolerance_source=run.tol.source)
+    if run.bound is not None:
+        cmp = compare_to_bound(run.expected, actual, run.bound, source=run.tol.source)
+    else:
+        cmp = compare(run.expected, actual, run.tol.rtol, run.tol.atol,
+                      tolerance_source=run.tol.source)  # fmt: skip
     worst = run.labels[cmp.worst_index[0]] if cmp.worst_index is not None else None
     if cmp.nonfinite:
         notes.append(f"{cmp.nonfinite} output value(s) hold NaN/inf")
     status = PASSED if cmp.passed else FAILED
     note = "; ".join(n for n in (*notes, cmp.note) if n)
-    return run.result(form, status, comparison=cmp, worst_input=worst, note=note)
+    return run.result(form, status, comparison=cmp, worst_input=worst, note=note, partial=partial)
 
 
-def _convert_model(run: _ModelRun, to: str, sparse: bool, names: set[str]) -> tuple[nn.Module, Any]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # what matters is in the conversion report
-        return models.convert_with_report(
-            run.reference, run.shape, to=to, sparse=sparse, layers=sorted(names),
-            memory_limit=run.budget,
-        )  # fmt: skip
+class _BuildError(Exception):
+    """A form could not be built (e.g. the converter refused NaN weights)."""
+
+
+def _run_converted(
+    run: _ModelRun, plan: dict[str, tuple[int, ...]], to: str, sparse: bool
+) -> Tensor:
+    """The model's outputs with each planned conv's output computed by its form instead."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        name = names[id(module)]
+        form: nn.Module
+        try:
+            if to == ModelTarget.LC:
+                form = convert.to_locally_connected(module, plan[name])
+            else:
+                form = convert.to_fully_connected(
+                    module, plan[name], sparse=sparse, max_memory=run.budget.nbytes
+                )
+        except ConvtoolError as exc:
+            raise _BuildError(f"layer {name!r}: {exc}") from None
+        result = form.eval()(args[0])
+        del form  # freed before the next conv runs
+        return result
+
+    names = {id(run.work.get_submodule(n)): n for n in plan}
+    handles = [run.work.get_submodule(n).register_forward_hook(hook) for n in plan]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _run_model(run.work, run.inputs, run.batched)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _conv_names(model: nn.Module) -> set[str]:
@@ -742,16 +994,47 @@ def verify_layers(
     atol: float | None = None,
     max_memory: int | None = None,
     end_to_end: bool = True,
+    strict: bool = False,
     advance: Advance | None = None,
 ) -> VerifyReport:
     """Check `layers` (each with its one-sample input shape) and, given a model, end to end.
 
     The end-to-end comparison converts only the listed layers. See :func:`check_layer` and
-    :func:`check_model` for the arguments.
+    :func:`check_model` for the arguments; with `strict`, any skipped or partial check fails
+    the report.
+
+    Raises:
+        ConvtoolError: when nothing at all could be compared (every check skipped or not
+            applicable), saying why; a report that compared nothing would prove nothing.
     """
+    with memory_limit(memory_budget(max_memory).nbytes):
+        return _verify_layers(
+            layers, model=model, example_shape=example_shape, to=to, dtype=dtype, trials=trials,
+            seed=seed, rtol=rtol, atol=atol, max_memory=max_memory, end_to_end=end_to_end,
+            strict=strict, advance=advance,
+        )  # fmt: skip
+
+
+def _verify_layers(
+    layers: Sequence[tuple[ConvLayer, Sequence[int]]],
+    *,
+    model: nn.Module | None = None,
+    example_shape: Sequence[int] | None = None,
+    to: str = Target.ALL,
+    dtype: torch.dtype | str = torch.float64,
+    trials: int = 3,
+    seed: int = 0,
+    rtol: float | None = None,
+    atol: float | None = None,
+    max_memory: int | None = None,
+    end_to_end: bool = True,
+    strict: bool = False,
+    advance: Advance | None = None,
+) -> VerifyReport:
+    """The body of :func:`verify_layers`, under its memory limit."""
     dtype = parse_dtype(dtype)
     _check_counts(trials, seed)
-    tol = resolve_tolerance(dtype, rtol, atol)
+    tol = _tolerance(dtype, rtol, atol)
     form_names(to)  # validate before any work
     for layer, shape in layers:  # every shape error before the first comparison
         layer.spec.output_shape(shape)
@@ -767,7 +1050,7 @@ def verify_layers(
         e2e = check_model(model, example_shape, layers=names, **kwargs)
     elif model is None and end_to_end and example_shape is not None:
         notes.append("no end-to-end comparison: the source has no model, only conv layers")
-    return VerifyReport(
+    report = VerifyReport(
         checks=checks,
         end_to_end=e2e,
         dtype=str(dtype).removeprefix("torch."),
@@ -776,14 +1059,28 @@ def verify_layers(
         trials=trials,
         seed=seed,
         notes=notes,
+        strict=strict,
     )
+    if not any(c.comparison is not None or c.status == FAILED for c in report.all_checks):
+        raise ConvtoolError(f"nothing was compared: {_why_nothing(report.all_checks)}")
+    return report
+
+
+def _why_nothing(checks: Sequence[FormCheck]) -> str:
+    """The distinct reasons the checks did not run, shortest first, at most three."""
+    reasons: dict[str, list[str]] = {}
+    for c in checks:
+        reasons.setdefault(c.note or c.status, []).append(f"{c.name}/{c.form}")
+    parts = [f"{', '.join(where[:3])}{', ...' if len(where) > 3 else ''}: {why}"
+             for why, where in sorted(reasons.items(), key=lambda kv: len(kv[0]))]  # fmt: skip
+    return "; ".join(parts[:3]) or "no check to run"
 
 
 def model_layers(
     model: nn.Module, example_shape: Sequence[int]
 ) -> tuple[list[tuple[ConvLayer, tuple[int, ...]]], list[str]]:
-    """(layer, one-sample input shape) for every conv the model calls on `example_shape`, and
-    notes on the convs that cannot be checked alone (not called, called on several shapes)."""
+    """(layer, one-sample input shape) for every conv the model calls on `example_shape` (a conv
+    called on several shapes once per shape), and notes on the convs not called."""
     cap = models.capture(model, tuple(int(s) for s in example_shape))
     pairs, notes = [], []
     for name, module in model.named_modules():
@@ -791,14 +1088,16 @@ def model_layers(
             continue
         if name not in cap.input_shapes:
             notes.append(f"conv {name!r} is not called on the example input: not checked")
-        elif name in cap.conflicts:
-            seen = ", ".join(str(s) for s in cap.conflicts[name])
-            notes.append(f"conv {name!r} is called on several input shapes ({seen}): not checked")
-        else:
-            weight: Any = module.weight
-            spec = ConvSpec.from_module(module)
-            bias = getattr(module, "bias", None)
-            shape = cap.input_shapes[name]
+            continue
+        weight: Any = module.weight
+        spec = ConvSpec.from_module(module)
+        bias = getattr(module, "bias", None)
+        shapes = cap.conflicts.get(name, [cap.input_shapes[name]])
+        if len(shapes) > 1:
+            seen = ", ".join(str(s) for s in shapes)
+            notes.append(f"conv {name!r} is called on {len(shapes)} input shapes ({seen}): each "
+                         f"checked at its own; it is left unconverted end to end")  # fmt: skip
+        for shape in shapes:
             pairs.append((ConvLayer(name, spec, weight, bias, shape, module), shape))
     return pairs, notes
 
@@ -816,6 +1115,7 @@ def verify(
     layers: str | Sequence[str] | None = None,
     max_memory: int | None = None,
     end_to_end: bool = True,
+    strict: bool = False,
     advance: Advance | None = None,
 ) -> VerifyReport:
     """Prove numerically that convtool's forms compute what the conv (or model) computes.
@@ -829,16 +1129,23 @@ def verify(
         dtype: float32 or float64 (default); the oracle and the forms both run in it.
         trials: seeded standard-normal inputs, besides an all-ones and a zero input.
         seed: seed of the random inputs.
-        rtol, atol: both or neither; neither -> `torch.testing.assert_close`'s defaults for
-            `dtype` (float32: 1.3e-6 / 1e-5, float64: 1e-7 / 1e-7).
+        rtol, atol: both or neither. Neither: each output element is judged against a bound on
+            the rounding error of its dot product (length and magnitudes of its terms, see
+            :mod:`convtool.error_bounds`), against a float64 reference; the report gives the
+            bound, the ratio error / bound and the tightest tolerances that would have passed.
         layers: for a model, glob pattern(s) of the conv names to check (and to convert end to
             end); default all.
-        max_memory: bytes any one form may use (default: the machine's available memory).
+        max_memory: bytes any one form may use (default: the machine's total memory, or the
+            process's limit when lower: the same call checks the same forms on every run).
         end_to_end: for a model, also compare the whole converted model with the original.
+        strict: any skipped or partial (sampled) check fails the report.
         advance: called with each :class:`FormCheck` as it completes.
 
     Returns:
         A :class:`VerifyReport`; `bool(report)` is `report.passed`.
+
+    Raises:
+        ConvtoolError: bad arguments, or nothing at all could be compared (e.g. `max_memory=0`).
 
     Example:
         >>> report = verify(nn.Conv2d(3, 8, 3, padding=1), (3, 16, 16))
@@ -863,7 +1170,7 @@ def verify(
     report = verify_layers(
         pairs, model=model, example_shape=example, to=to, dtype=dtype, trials=trials,
         seed=seed, rtol=rtol, atol=atol, max_memory=max_memory, end_to_end=end_to_end,
-        advance=advance,
+        strict=strict, advance=advance,
     )  # fmt: skip
     report.notes[:0] = notes
     return report

@@ -196,10 +196,12 @@ def test_float32_within_default_tolerances(make: Any, shape: tuple[int, ...]) ->
     torch.manual_seed(2)
     report = verify(make(), shape, dtype="float32")
     assert report.passed
-    assert report.tolerance.rtol == 1.3e-6 and report.tolerance.atol == 1e-5
+    assert report.tolerance.arithmetic and report.tolerance.source.startswith("float32 rounding")
     for check in report.checks:
         if check.comparison is not None:
             assert check.comparison.max_abs_error < 1e-5
+            assert check.comparison.bound_ratio is not None
+            assert 0 <= check.comparison.bound_ratio <= 1
             assert check.comparison.max_abs_error > 0 or check.form == "lc"
 
 
@@ -235,23 +237,33 @@ def test_sampled_rows_when_sparse_is_too_big(layer: nn.Module, shape: Any, what:
     assert report.passed
 
 
-def test_nothing_compared_is_not_a_pass() -> None:
-    report = verify(nn.Conv2d(2, 3, 3), (2, 5, 5), to="toeplitz", max_memory=100)
-    assert {c.status for c in report.checks} == {"skipped"}
-    assert not report.passed
+def test_nothing_compared_is_an_error_not_a_pass() -> None:
+    with pytest.raises(ConvtoolError, match=r"nothing was compared: .*needs .* > the memory budg"):
+        verify(nn.Conv2d(2, 3, 3), (2, 5, 5), to="toeplitz", max_memory=100)
+
+
+def test_strict_fails_on_a_sampled_check() -> None:
+    layer, shape = nn.Conv2d(4, 32, 3, padding=2, stride=2, groups=2), (4, 9, 10)
+    lenient = verify(layer, shape, to="toeplitz", max_memory=400_000)
+    strict = verify(layer, shape, to="toeplitz", max_memory=400_000, strict=True)
+    assert lenient.passed and not strict.passed and not strict.failures
+    assert [c.form for c in strict.unchecked] == ["toeplitz_dense", "toeplitz_sampled"]
+    assert strict.unchecked[1].partial.startswith("only the rows of ")
+    assert strict.to_dict()["summary"]["partial"] == 1
 
 
 # ------------------------------------------------------------------------------ wrong candidates
 def test_perturbed_matrix_entry_fails_verify(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = cv.matrix
+    real = cv.dense_row_blocks
 
-    def perturbed(*args: Any, **kwargs: Any) -> Tensor:
-        t = real(*args, **kwargs)
-        if t.layout == torch.strided:
-            t[3, int(torch.nonzero(t[3])[0, 0])] += 1e-6
-        return t
+    def perturbed(*args: Any, **kwargs: Any) -> Any:
+        for r0, block in real(*args, **kwargs):
+            if r0 <= 3 < r0 + block.shape[0]:
+                row = block[3 - r0]
+                row[int(torch.nonzero(row)[0, 0])] += 1e-6
+            yield r0, block
 
-    monkeypatch.setattr(cv, "matrix", perturbed)
+    monkeypatch.setattr(cv, "dense_row_blocks", perturbed)
     report = verify(nn.Conv2d(2, 3, 3, padding=1), (2, 5, 5), to="toeplitz")
     checks = _by_form(report)
     assert checks["toeplitz_dense"].status == "failed"
@@ -347,7 +359,10 @@ def test_model_with_transposed_conv_and_layer_pattern() -> None:
     assert "2 conv(s) converted" in e2e["fc_dense"].note
 
 
-def test_model_end_to_end_catches_a_wrong_conversion(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_model_end_to_end_catches_a_wrong_conversion(
+    monkeypatch: pytest.MonkeyPatch, dtype: str
+) -> None:
     convert = pytest.importorskip("convtool.convert")
     real = convert.to_locally_connected
 
@@ -358,9 +373,11 @@ def test_model_end_to_end_catches_a_wrong_conversion(monkeypatch: pytest.MonkeyP
         return module
 
     monkeypatch.setattr(convert, "to_locally_connected", wrong)
-    report = verify(make_model(), EXAMPLE_SHAPE, to="lc", trials=1)
+    report = verify(make_model(), EXAMPLE_SHAPE, to="lc", trials=1, dtype=dtype)
     assert not report.passed
     assert report.end_to_end[0].status == "failed"
+    cmp = report.end_to_end[0].comparison
+    assert cmp is not None and (dtype == "float64" or cmp.bound_ratio > 1)
 
 
 # ---------------------------------------------------------------------------------- bad input
@@ -396,4 +413,5 @@ def test_conv_layer_record_and_json() -> None:
     entry = data["layers"][0]
     for key in ("name", "form", "max_abs_error", "max_rel_error", "passed"):
         assert key in entry
-    assert entry["name"] == "k" and entry["tolerance_source"].startswith("torch.testing")
+    assert entry["name"] == "k" and entry["tolerance_source"].startswith("float32 rounding")
+    assert 0 <= entry["bound_ratio"] <= 1

@@ -52,9 +52,8 @@ def test_json_contract_float32(kernel: Path) -> None:
     assert r.exit_code == 0
     data = as_json(r)
     assert data["passed"] is True and data["dtype"] == "float32"
-    assert data["tolerance"] == {
-        "rtol": 1.3e-6, "atol": 1e-5, "source": "torch.testing defaults for float32",
-    }  # fmt: skip
+    assert data["tolerance"]["arithmetic_bound"] is True
+    assert data["tolerance"]["source"].startswith("float32 rounding bound per element")
     assert data["inputs"] == ["random 0", "random 1", "ones", "zeros"]
     assert data["end_to_end"] is None
     assert len(data["layers"]) == 5
@@ -62,6 +61,7 @@ def test_json_contract_float32(kernel: Path) -> None:
         assert entry["name"] == "w" and entry["passed"] is True
         assert 0 <= entry["max_abs_error"] < 1e-5
         assert entry["max_rel_error"] >= 0 and entry["tightest_atol_at_rtol_0"] is not None
+        assert 0 <= entry["bound_ratio"] <= 1 and entry["bound"] == data["tolerance"]["source"]
 
 
 def test_user_tolerance_and_float64_rounding_level(kernel: Path) -> None:
@@ -214,3 +214,75 @@ def test_model_layers_as_kernel_files(
     data = as_json(r)
     assert data["passed"] and [e["name"] for e in data["layers"]] == [layer] * 5
     assert all(e["max_abs_error"] <= 1e-10 for e in data["layers"])
+
+
+# --------------------------------------------------------------- budget, strict, nothing compared
+def _last_line(r: Any) -> str:
+    return str(r.stdout.strip().splitlines()[-1])
+
+
+def test_strict_turns_a_sampled_check_into_exit_1(tmp_path: Path) -> None:
+    np.save(tmp_path / "w.npy", torch.randn(32, 2, 3, 3).numpy())
+    args = [tmp_path / "w.npy", "-i", "4,9,10", "--groups", "2", "--padding", "2", "--stride",
+            "2", "--to", "toeplitz", "--max-memory", "400K", "--dtype", "float32"]  # fmt: skip
+    lenient, strict = run(*args), run(*args, "--strict")
+    assert lenient.exit_code == 0 and strict.exit_code == 1, strict.stdout
+    line = _last_line(lenient)
+    assert line.startswith("PASSED: 1 of 1 comparisons within tolerance (float32, within the")
+    assert (
+        "not checked: 1 skipped (w/toeplitz_dense: over the memory budget of 400.0 KiB "
+        "(max_memory)); 1 checked in part (w/toeplitz_sampled: only the rows of " in line
+    )
+    assert "the whole form over the memory budget" in line
+    assert _last_line(strict).startswith("FAILED (--strict): 1 of 1 comparisons within")
+    assert "[strict: a failure]" in _last_line(strict)
+    data = json.loads(run(*args, "--strict", "--json").stdout)
+    assert data["passed"] is False and data["strict"] is True
+    assert data["summary"]["skipped"] == 1 and data["summary"]["partial"] == 1
+
+
+def test_budget_is_total_memory_not_free_memory(
+    kernel: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import convtool.resources as resources
+
+    first = as_json(run(kernel, "-i", "4,7,6", *FLAGS, "--json"))
+    # momentary free memory no longer matters: almost none free, same checks, same verdict
+    monkeypatch.setattr(resources, "available_memory", lambda: 1024)
+    second = as_json(run(kernel, "-i", "4,7,6", *FLAGS, "--json"))
+    assert first["summary"] == second["summary"] == {
+        "passed": 5, "failed": 0, "skipped": 0, "not applicable": 0, "partial": 0,
+    }  # fmt: skip
+    # the budget is the machine's total memory (or the process limit), the same on each run
+    total = resources.total_memory()
+    assert total == resources.total_memory() and total > 1024
+    assert resources.memory_budget(None) == resources.Budget(total, "total memory")
+
+
+def test_nothing_compared_exit_2_with_one_line(kernel: Path) -> None:
+    r = run(kernel, "-i", "4,7,6", *FLAGS, "--max-memory", "0")
+    assert r.exit_code == 2 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nothing was compared" in lines[0]
+    assert "memory budget of 0 B (max_memory)" in lines[0] and "Traceback" not in r.stderr
+
+
+def test_transposed_lc_only_compares_nothing_exit_2(tmp_path: Path) -> None:
+    np.save(tmp_path / "t.npy", torch.randn(4, 3, 3, 2).numpy())
+    r = run(tmp_path / "t.npy", "-i", "4,5,4", "--transposed", "--to", "lc")
+    assert r.exit_code == 2 and "nothing was compared" in r.stderr
+    assert "no locally-connected form" in r.stderr
+
+
+def test_one_layer_called_at_two_sizes_reports_each(tmp_path: Path) -> None:
+    from tests.test_verify_bounds import make_two_sizes
+
+    torch.save(make_two_sizes().state_dict(), tmp_path / "two.pt")
+    r = run(tmp_path / "two.pt", "--model", "tests.test_verify_bounds:make_two_sizes",
+            "-i", "1,2,8,8", "--layer", "conv", "--trials", "1", "--to", "fc")  # fmt: skip
+    assert r.exit_code == 0, r.stdout + r.stderr
+    assert "conv @ (2, 8, 8)" in r.stdout and "conv @ (2, 4, 4)" in r.stdout
+    assert "called on 2 input shapes" in r.stdout
+    data = as_json(run(tmp_path / "two.pt", "--model", "tests.test_verify_bounds:make_two_sizes",
+                       "-i", "1,2,8,8", "--layer", "conv", "--trials", "1", "--json"))  # fmt: skip
+    assert {tuple(e["input_shape"]) for e in data["layers"]} == {(2, 8, 8), (2, 4, 4)}

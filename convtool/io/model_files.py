@@ -109,20 +109,75 @@ def write_state_dict(path: Path, state: Mapping[str, Any], meta: dict[str, Any])
     if model_format(path) == "torch":
         torch.save({"state_dict": tensors, META_KEY: meta}, path)
         return
-    from safetensors.torch import save_file
+    sparse = {
+        key: {"shape": list(t.shape), "layout": str(t.layout).removeprefix("torch.")}
+        for key, t in tensors.items()
+        if t.layout != torch.strided
+    }
+    _write_safetensors(path, tensors, {META_KEY: json.dumps({**meta, "sparse_tensors": sparse})})
 
-    flat: dict[str, Tensor] = {}
-    sparse: dict[str, dict[str, Any]] = {}
+
+# safetensors' dtype names
+_ST_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
+
+
+def _pieces(key: str, t: Tensor) -> list[tuple[str, Tensor]]:
+    """The dense tensors `t` is stored as: itself, or a sparse one's COO indices and values."""
+    if t.layout == torch.strided:
+        return [(key, t.contiguous())]
+    coo = (t if t.layout == torch.sparse_coo else t.to_sparse_coo()).coalesce()
+    return [(key + _INDICES, coo.indices()), (key + _VALUES, coo.values())]
+
+
+def _write_safetensors(path: Path, tensors: Mapping[str, Tensor], metadata: dict[str, str]) -> None:
+    """The .safetensors format, written tensor by tensor straight from memory.
+
+    `safetensors.torch.save_file` first copies every tensor into one bytes object, which
+    doubles the peak memory of a multi-GiB converted model; here the header (shapes and
+    offsets, known without the data) comes first and each tensor's bytes follow, with at most
+    one sparse tensor's COO copy alive at a time. Readable by `safetensors.safe_open`.
+    """
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
     for key, t in tensors.items():
         if t.layout == torch.strided:
-            flat[key] = t
-            continue
-        layout = str(t.layout).removeprefix("torch.")
-        coo = (t if t.layout == torch.sparse_coo else t.to_sparse_coo()).coalesce()
-        flat[key + _INDICES] = coo.indices().clone()
-        flat[key + _VALUES] = coo.values().clone()
-        sparse[key] = {"shape": list(t.shape), "layout": layout}
-    save_file(flat, str(path), metadata={META_KEY: json.dumps({**meta, "sparse_tensors": sparse})})
+            shapes = [(key, t.dtype, tuple(t.shape))]
+        elif t.layout == torch.sparse_csr or (t.layout == torch.sparse_coo and t.is_coalesced()):
+            nnz = t.values().numel() if t.layout == torch.sparse_csr else t._nnz()
+            shapes = [
+                (key + _INDICES, torch.int64, (t.dim(), nnz)),
+                (key + _VALUES, t.dtype, (nnz,)),
+            ]
+        else:  # the coalesced copy tells the nnz
+            shapes = [(k, p.dtype, tuple(p.shape)) for k, p in _pieces(key, t)]
+        for name, dtype, shape in shapes:
+            if dtype not in _ST_DTYPES:
+                raise ConvtoolError(f"cannot write {name!r} of dtype {dtype} to .safetensors")
+            nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}  # fmt: skip
+            offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format allows space padding; data starts aligned
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for key, t in tensors.items():
+            for _, piece in _pieces(key, t):
+                if piece.numel():
+                    f.write(piece.reshape(-1).view(torch.uint8).numpy().data)
+                del piece
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 def _check_meta(meta: Any, path: Path) -> dict[str, Any]:
