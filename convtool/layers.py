@@ -121,6 +121,54 @@ def _matvecs(vecs: Tensor, mats: Tensor) -> Tensor:
     return out
 
 
+# Bytes of windows (or of their gradient) handled at a time: small enough to stay in cache and
+# to be reused by the allocator, instead of a fresh (page-faulting) array the size of all of them.
+_CHUNK_BYTES = 1 << 19
+
+
+def _row_chunks(out_sp: tuple[int, ...], per_position: int) -> list[tuple[int, int]]:
+    """Ranges of rows (first output axis) whose windows take about `_CHUNK_BYTES`."""
+    rows = out_sp[0]
+    step = max(1, _CHUNK_BYTES // max(1, per_position * math.prod(out_sp[1:])))
+    return [(lo, min(rows, lo + step)) for lo in range(0, rows, step)]
+
+
+def _windows(
+    xt: Tensor,
+    rows: tuple[int, int],
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+    groups: int,
+) -> Tensor:
+    """Windows of output rows `rows` (first axis) of the transposed padded input.
+
+    `xt (C_in, *padded, N)` -> `(P_rows*G, C_in/g*K, N)`, ordered like the weight's positions.
+    """
+    ndim = len(kernel)
+    c_in, n = xt.shape[0], xt.shape[-1]
+    lo, hi = rows
+    span = (hi - lo - 1) * stride[0] + dilation[0] * (kernel[0] - 1) + 1
+    win = xt.narrow(1, lo * stride[0], span)
+    for axis in range(ndim):
+        win = win.unfold(axis + 1, dilation[axis] * (kernel[axis] - 1) + 1, stride[axis])
+    if any(d > 1 for d in dilation):
+        every: tuple[Any, ...] = (..., *(slice(None, None, d) for d in dilation))
+        win = win[every]
+    # (C_in, *out, N, *k) -> (*out, G, C_in/g, *k, N) -> (P*G, C_in/g*K, N): one copy.
+    win = win.unflatten(0, (groups, c_in // groups))
+    perm = (*range(2, ndim + 2), 0, 1, *range(ndim + 3, 2 * ndim + 3), ndim + 2)
+    win = win.permute(perm)
+    if n == 1 and ndim > 1:
+        # One copy per first-axis tap: each moves whole kernel rows, about twice as fast as
+        # the one copy (which would otherwise rival the matrix-vector products).
+        cols = xt.new_empty(win.shape)
+        for tap in range(kernel[0]):
+            cols.select(ndim + 2, tap).copy_(win.select(ndim + 2, tap))
+        return cols.view(-1, (c_in // groups) * math.prod(kernel), 1)
+    return win.reshape(-1, (c_in // groups) * math.prod(kernel), n)
+
+
 class _LocallyConnectedFunction(torch.autograd.Function):
     """LC product on a padded input, with a hand-written backward.
 
@@ -128,10 +176,12 @@ class _LocallyConnectedFunction(torch.autograd.Function):
     (C_out, *out)` or None, and the geometry `(kernel, stride, dilation, groups)`.
     Output: `(N, C_out, *out)`, contiguous.
 
-    With `P` positions, `G` groups and `K` kernel taps: the input is transposed to
-    `(C_in, *padded, N)` and its windows copied once into `cols (P*G, C_in/g*K, N)` (moving runs
-    of `k*N` numbers); the forward and both gradients are then one batched matmul each over the
-    `P*G` blocks, and the input gradient is put back with one strided add per kernel tap.
+    With `P` positions, `G` groups and `K` kernel taps: the input is transposed once to
+    `(C_in, *padded, N)`. Then, a few output rows at a time (:data:`_CHUNK_BYTES`), their
+    windows are copied into `cols (P_rows*G, C_in/g*K, N)` (moving runs of `k*N` numbers) and
+    the forward and both gradients are one batched matmul each over those blocks; the input
+    gradient is put back with one strided add per kernel tap. Working a few rows at a time keeps
+    the windows in cache, and the backward copies them again rather than keeping them all.
     """
 
     @staticmethod
@@ -150,28 +200,27 @@ class _LocallyConnectedFunction(torch.autograd.Function):
         out_sp = tuple(weight.shape[:ndim])
         c_out = weight.shape[ndim]
         batch, cout_g = math.prod(out_sp) * groups, c_out // groups
+        per_row = batch // out_sp[0]  # blocks per row of the first output axis
 
-        win = _transpose(xp, n).view(c_in, *padded, n)
-        for axis in range(ndim):
-            win = win.unfold(axis + 1, dilation[axis] * (kernel[axis] - 1) + 1, stride[axis])
-        if any(d > 1 for d in dilation):
-            every: tuple[Any, ...] = (..., *(slice(None, None, d) for d in dilation))
-            win = win[every]
-        # (C_in, *out, N, *k) -> (*out, G, C_in/g, *k, N) -> (P*G, C_in/g*K, N): one copy.
-        win = win.unflatten(0, (groups, c_in // groups))
-        perm = (*range(2, ndim + 2), 0, 1, *range(ndim + 3, 2 * ndim + 3), ndim + 2)
-        cols = win.permute(perm).reshape(batch, -1, n)
-
+        xt = _transpose(xp, n).view(c_in, *padded, n)
         mat = weight.reshape(batch, cout_g, -1)
         rows = None if bias is None else bias.reshape(c_out, -1).t().reshape(batch, 1, cout_g)
-        if n == 1:
-            # Matrix-vector products: stream the weights once, with no weight-sized temporary.
-            y = _matvecs(cols.transpose(1, 2), mat.transpose(1, 2))
-            y = y if rows is None else y.add_(rows)
-        elif rows is None:
-            y = torch.bmm(cols.transpose(1, 2), mat.transpose(1, 2))
-        else:
-            y = torch.baddbmm(rows, cols.transpose(1, 2), mat.transpose(1, 2))
+        parts = []  # no out= here: torch.export traces this with inputs that require grad
+        per_position = groups * mat.shape[2] * n * xp.element_size()
+        for lo, hi in _row_chunks(out_sp, per_position):
+            cols = _windows(xt, (lo, hi), kernel, stride, dilation, groups)
+            part = slice(lo * per_row, hi * per_row)
+            if n == 1:
+                # Matrix-vector products: stream the weights once, no weight-sized temporary.
+                y = _matvecs(cols.transpose(1, 2), mat[part].transpose(1, 2))
+                parts.append(y if rows is None else y.add_(rows[part]))
+            elif rows is None:
+                parts.append(torch.bmm(cols.transpose(1, 2), mat[part].transpose(1, 2)))
+            else:
+                parts.append(
+                    torch.baddbmm(rows[part], cols.transpose(1, 2), mat[part].transpose(1, 2))
+                )
+        y = parts[0] if len(parts) == 1 else torch.cat(parts)
         # y: (P*G, N, C_out/g) -> (N, C_out, *out)
         if groups == 1:
             out = _transpose(y, batch).view(n, c_out, *out_sp)
@@ -179,21 +228,22 @@ class _LocallyConnectedFunction(torch.autograd.Function):
             out = y.view(-1, groups, n, cout_g).permute(2, 1, 3, 0).contiguous()
             out = out.view(n, c_out, *out_sp)
 
-        # The windows are only needed for the weight gradient.
-        ctx.save_for_backward(cols if ctx.needs_input_grad[1] else None, weight)
+        # The input is only needed again for the weight gradient (its windows are recopied).
+        ctx.save_for_backward(xt if ctx.needs_input_grad[1] else None, weight)
         ctx.geometry = (padded, kernel, stride, dilation, groups, bias is not None)
         return out
 
     @staticmethod
-    @once_differentiable  # the saved windows carry no graph back to the input
+    @once_differentiable  # the saved input carries no graph back to itself
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        cols, weight = ctx.saved_tensors
+        xt, weight = ctx.saved_tensors
         padded, kernel, stride, dilation, groups, has_bias = ctx.geometry
         ndim = len(kernel)
         n = grad.shape[0]
         out_sp = tuple(weight.shape[:ndim])
         c_out, cin_g = weight.shape[ndim], weight.shape[ndim + 1]
         batch, cout_g = math.prod(out_sp) * groups, c_out // groups
+        per_row = batch // out_sp[0]
 
         # (N, C_out, *out) -> (P*G, N, C_out/g)
         if groups == 1:
@@ -203,34 +253,48 @@ class _LocallyConnectedFunction(torch.autograd.Function):
             gy = gy.view(batch, n, cout_g)
         mat = weight.reshape(batch, cout_g, -1)
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[1]:
-            if n == 1:  # outer products
-                grad_w = gy.transpose(1, 2) * cols.transpose(1, 2)
-            else:
-                grad_w = torch.bmm(gy.transpose(1, 2), cols.transpose(1, 2))
-            grad_w = grad_w.view(weight.shape)
         if has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum(0)
-        if ctx.needs_input_grad[0]:
-            if n <= _SMALL_BATCH:
-                # bmm writes (P*G, N, C_in/g*K) several times faster than its transpose when N
-                # is small; the tap loop below then reads N with a stride instead.
-                gcols = torch.bmm(gy, mat).view(*out_sp, groups, n, cin_g, *kernel)
+        want_w, want_x = ctx.needs_input_grad[1], ctx.needs_input_grad[0]
+        if want_w:
+            grad_w = torch.empty_like(mat)
+        gxs = grad.new_zeros(groups, cin_g, *padded, n) if want_x else None
+        small = n <= _SMALL_BATCH
+        per_position = groups * mat.shape[2] * n * grad.element_size()
+        for lo, hi in _row_chunks(out_sp, per_position) if want_w or want_x else []:
+            part = slice(lo * per_row, hi * per_row)
+            if grad_w is not None:
+                cols = _windows(xt, (lo, hi), kernel, stride, dilation, groups)
+                if n == 1:  # outer products
+                    torch.mul(gy[part].transpose(1, 2), cols.transpose(1, 2), out=grad_w[part])
+                else:
+                    torch.bmm(gy[part].transpose(1, 2), cols.transpose(1, 2), out=grad_w[part])
+            if gxs is None:
+                continue
+            chunk_sp = (hi - lo, *out_sp[1:])
+            if small:
+                # bmm writes (P*G, N, C_in/g*K) several times faster than its transpose when
+                # N is small; the tap loop below then reads N with a stride instead.
+                gcols = torch.bmm(gy[part], mat[part]).view(*chunk_sp, groups, n, cin_g, *kernel)
                 to_dest = (ndim, ndim + 2, *range(ndim), ndim + 1)
             else:
-                gcols = torch.bmm(mat.transpose(1, 2), gy.transpose(1, 2))
-                gcols = gcols.view(*out_sp, groups, cin_g, *kernel, n)
+                gcols = torch.bmm(mat[part].transpose(1, 2), gy[part].transpose(1, 2))
+                gcols = gcols.view(*chunk_sp, groups, cin_g, *kernel, n)
                 to_dest = (ndim, ndim + 1, *range(ndim), ndim + 2)
-            gxs = grad.new_zeros(groups, cin_g, *padded, n)
+            lead = ndim + 3 if small else ndim + 2
             # Undo the windows: one strided add per kernel tap (not per position).
             for tap in itertools.product(*(range(k) for k in kernel)):
                 window: tuple[Any, ...] = tuple(
-                    slice(t * d, t * d + s * (o - 1) + 1, s)
-                    for t, d, s, o in zip(tap, dilation, stride, out_sp, strict=True)
+                    slice(t * d + a * s, t * d + s * (a + o - 1) + 1, s)
+                    for t, d, s, o, a in zip(
+                        tap, dilation, stride, chunk_sp, (lo,) + (0,) * (ndim - 1), strict=True
+                    )
                 )
-                lead = ndim + 3 if n <= _SMALL_BATCH else ndim + 2
                 taps: tuple[Any, ...] = (*(slice(None),) * lead, *tap)
                 gxs[(slice(None), slice(None), *window)].add_(gcols[taps].permute(to_dest))
+        if grad_w is not None:
+            grad_w = grad_w.view(weight.shape)
+        if gxs is not None:
             grad_x = _transpose(gxs, gxs.numel() // n).view(n, groups * cin_g, *padded)
         return grad_x, grad_w, grad_b, None, None, None, None
 

@@ -146,6 +146,14 @@ def _broadcast(parts: Sequence[Tensor]) -> list[Tensor]:
     return [p.view([-1 if b == a else 1 for b in range(dims)]) for a, p in enumerate(parts)]
 
 
+def _product(parts: Sequence[Tensor]) -> Tensor:
+    """The broadcast product of tensors."""
+    value = parts[0]
+    for part in parts[1:]:
+        value = value * part
+    return value
+
+
 def _mixed_radix(digits: Sequence[Tensor], radices: Sequence[Tensor]) -> Tensor:
     """`((d_1 * r_2 + d_2) * r_3 + d_3) ...` over a broadcast grid."""
     value = digits[0]
@@ -179,7 +187,7 @@ def _place(
         flat_row = flat_row + rb[axis] * stride
     flat_row = flat_row.expand(grid).reshape(size)
     within = _mixed_radix(_broadcast(rank), _broadcast(counts)).expand(grid).reshape(size)
-    per_chan = math.prod(_broadcast(counts)).expand(grid).reshape(size)  # type: ignore[arg-type]
+    per_chan = _product(_broadcast(counts)).expand(grid).reshape(size)
     dest = torch.arange(chans, dtype=torch.int64).view(chans, 1) * per_chan
     dest += row_start[flat_row] + within
     return flat_row, dest
@@ -209,7 +217,7 @@ def _build_template(
     cost is a few passes over the template whatever the padding mode or the kind of conv.
     """
     p_rows, p_cols, ktaps = math.prod(row_shape), math.prod(col_shape), math.prod(kernel)
-    row_counts = chans * math.prod(_broadcast([a.counts for a in axes]))  # type: ignore[arg-type]
+    row_counts = chans * _product(_broadcast([a.counts for a in axes]))
     row_counts = row_counts.expand(row_shape).reshape(p_rows)
     row_start = torch.cumsum(row_counts, 0) - row_counts
     total = int(row_counts.sum())
