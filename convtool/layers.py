@@ -91,14 +91,19 @@ def _transpose(t: Tensor, rows: int) -> Tensor:
     return t.reshape(rows, -1).t().contiguous()
 
 
+def _eager(*tensors: Tensor) -> bool:
+    """True when nothing is being traced or compiled and every tensor is an ordinary one (not
+    a tracer's fake or functional wrapper)."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    return all(type(t) in (Tensor, nn.Parameter) for t in tensors)
+
+
 def _plain_cpu(*tensors: Tensor) -> bool:
     """True when every tensor is an ordinary float32/float64 CPU tensor and nothing is being
     traced or compiled: numpy may then compute on it (a tracer would not see numpy's work)."""
-    if torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return False
-    return all(
-        type(t) in (Tensor, nn.Parameter)
-        and t.device.type == "cpu"
+    return _eager(*tensors) and all(
+        t.device.type == "cpu"
         and t.dtype in (torch.float32, torch.float64)
         and not t.is_conj()
         and not t.is_neg()
@@ -106,8 +111,9 @@ def _plain_cpu(*tensors: Tensor) -> bool:
     )
 
 
-def _matvecs(vecs: Tensor, mats: Tensor) -> Tensor:
-    """`vecs (B, 1, K) @ mats (B, K, M)` -> `(B, 1, M)`: one vector-matrix product per block.
+def _matvecs(vecs: Tensor, mats: Tensor, out: Tensor | None = None) -> Tensor:
+    """`vecs (B, 1, K) @ mats (B, K, M)` -> `(B, 1, M)` (into `out`, contiguous, if given): one
+    vector-matrix product per block.
 
     For ordinary CPU tensors this is numpy's stacked matmul, which calls BLAS once per block
     with little overhead and streams each block once: about the time to read `mats`, where
@@ -115,8 +121,9 @@ def _matvecs(vecs: Tensor, mats: Tensor) -> Tensor:
     matrices, not vectors). Otherwise `torch.bmm`.
     """
     if not _plain_cpu(vecs, mats) or vecs.dtype != mats.dtype:
-        return torch.bmm(vecs, mats)
-    out = torch.empty((vecs.shape[0], 1, mats.shape[2]), dtype=vecs.dtype)
+        return torch.bmm(vecs, mats, out=out)
+    if out is None:
+        out = torch.empty((vecs.shape[0], 1, mats.shape[2]), dtype=vecs.dtype)
     np.matmul(vecs.detach().numpy(), mats.detach().numpy(), out=out.numpy())
     return out
 
@@ -204,29 +211,37 @@ class _LocallyConnectedFunction(torch.autograd.Function):
 
         xt = _transpose(xp, n).view(c_in, *padded, n)
         mat = weight.reshape(batch, cout_g, -1)
-        rows = None if bias is None else bias.reshape(c_out, -1).t().reshape(batch, 1, cout_g)
-        parts = []  # no out= here: torch.export traces this with inputs that require grad
+        rows = None
+        if bias is not None and n > 1:
+            rows = bias.reshape(c_out, -1).t().reshape(batch, 1, cout_g)
+        # Chunks write into one array; tracers (torch.export) refuse out= on tensors that
+        # require grad, so they get a concatenation instead.
+        y = xp.new_empty(batch, n, cout_g) if _eager(xp, weight) else None
+        parts = []
         per_position = groups * mat.shape[2] * n * xp.element_size()
         for lo, hi in _row_chunks(out_sp, per_position):
             cols = _windows(xt, (lo, hi), kernel, stride, dilation, groups)
             part = slice(lo * per_row, hi * per_row)
+            dest = None if y is None else y[part]
             if n == 1:
-                # Matrix-vector products: stream the weights once, no weight-sized temporary.
-                y = _matvecs(cols.transpose(1, 2), mat[part].transpose(1, 2))
-                parts.append(y if rows is None else y.add_(rows[part]))
+                # Matrix-vector products: stream the weights once, no weight-sized temporary
+                # (the bias is added to the output below).
+                parts.append(_matvecs(cols.transpose(1, 2), mat[part].transpose(1, 2), dest))
             elif rows is None:
-                parts.append(torch.bmm(cols.transpose(1, 2), mat[part].transpose(1, 2)))
+                parts.append(torch.bmm(cols.transpose(1, 2), mat[part].transpose(1, 2), out=dest))
             else:
-                parts.append(
-                    torch.baddbmm(rows[part], cols.transpose(1, 2), mat[part].transpose(1, 2))
-                )
-        y = parts[0] if len(parts) == 1 else torch.cat(parts)
+                a, b = cols.transpose(1, 2), mat[part].transpose(1, 2)
+                parts.append(torch.baddbmm(rows[part], a, b, out=dest))
+        if y is None:
+            y = parts[0] if len(parts) == 1 else torch.cat(parts)
         # y: (P*G, N, C_out/g) -> (N, C_out, *out)
         if groups == 1:
             out = _transpose(y, batch).view(n, c_out, *out_sp)
         else:
             out = y.view(-1, groups, n, cout_g).permute(2, 1, 3, 0).contiguous()
             out = out.view(n, c_out, *out_sp)
+        if bias is not None and n == 1:
+            out = out.add_(bias)
 
         # The input is only needed again for the weight gradient (its windows are recopied).
         ctx.save_for_backward(xt if ctx.needs_input_grad[1] else None, weight)
