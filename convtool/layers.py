@@ -8,8 +8,11 @@
 
 How the LC layer is computed (numbers in ``benchmarks/layers.py``): the input is padded once
 with `F.pad` (in the padding mode), transposed to `(C_in, *spatial, N)` and cut into windows with
-chained `Tensor.unfold`, giving one `(C_in/g * K, N)` block per (position, group) in a single
-copy; one `torch.bmm` against the per-position kernels gives the output. The backward is written
+chained `Tensor.unfold`, giving one `(C_in/g * K, N)` block per (position, group); one
+`torch.bmm` against the per-position kernels gives the output. This runs a few output rows at a
+time, so the windows stay in cache (the backward copies them again instead of keeping them). At
+N=1 the products are matrix-vector products, done by numpy's stacked matmul on ordinary CPU
+tensors (about the time to read the weights; `torch.bmm` takes twice that). The backward is written
 out (:class:`_LocallyConnectedFunction`): autograd's own would hand `bmm` gradients with no unit
 stride, which it multiplies one matrix at a time, and undo the windows with `unfold_backward`,
 making a training step about 2.5x slower than the explicit transposes and tap loop used here.

@@ -11,6 +11,12 @@ that tap reads (after the padding map: crop for zeros, a gather for the other mo
 several taps may land on one column and are summed). Every output channel then is the template
 shifted, with values gathered from its kernel. The cost is the template (`P_out * C_in/g * K`)
 plus one pass over the non-zeros.
+
+The template needs no sort and no mask over it: along each axis the (output, input index) pairs
+are few (`out * k`, sorted there, and merged where padding folds taps together), the template's
+entries are their product, and where each one goes in (row, col) order is a closed-form number
+(:func:`_place`). A transposed conv's `T` gets its own template the same way, from the pairs
+read the other way round (input index -> output positions), so it comes out sorted too.
 """
 
 from __future__ import annotations
