@@ -293,7 +293,9 @@ class _LocallyConnectedFunction(torch.autograd.Function):
             if small:
                 # bmm writes (P*G, N, C_in/g*K) several times faster than its transpose when
                 # N is small; the tap loop below then reads N with a stride instead.
-                gcols = torch.bmm(gy[part], mat[part]).view(*chunk_sp, groups, n, cin_g, *kernel)
+                # At N=1 these are vector-matrix products (see _matvecs).
+                prod = _matvecs if n == 1 else torch.bmm
+                gcols = prod(gy[part], mat[part]).view(*chunk_sp, groups, n, cin_g, *kernel)
                 to_dest = (ndim, ndim + 2, *range(ndim), ndim + 1)
             else:
                 gcols = torch.bmm(mat[part].transpose(1, 2), gy[part].transpose(1, 2))
