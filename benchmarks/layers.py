@@ -1,6 +1,11 @@
 """LC and FC layers: speed and peak memory against the usual LC code and against the conv.
 
-Run: ``PYTHONPATH=. python benchmarks/layers.py`` (about 1-2 minutes on 2 cores).
+Run: ``PYTHONPATH=. python benchmarks/layers.py [--threads 1] [--targets-only]`` (about 1-2
+minutes on 2 cores).
+
+* The LC targets: forward at N=1 against the time to read the weights once (the smaller of
+  `weight.sum()` and `dot(w, w)`, measured in the same run): <= 1.5x; forward+backward at N=64
+  (16->32, 32x32, 3x3) against `nn.Conv2d`: <= 2x; the 3-D case against `nn.Conv3d`: <= 3x.
 
 * LC forward+backward (input, weight and bias gradients) of ``convtool.LocallyConnected*d``
   against the common "unfold + broadcast-multiply + sum" LC implementation (``UnfoldBroadcast``
@@ -214,6 +219,46 @@ def lc_section() -> None:
                 print(f"   target {what}: {'met' if ok else 'NOT met'}")
 
 
+def targets_section() -> None:
+    """The LC speed targets, each a ratio of times taken in turns within this run."""
+    print("== LC targets (min times, taken in turns)")
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 32, 3)
+    lc = to_locally_connected(conv, (16, 32, 32))
+    x = torch.randn(1, 16, 32, 32)
+    weight = lc.weight.detach()
+    flat = weight.view(-1)
+    with torch.no_grad():
+        t = best_times(
+            {
+                "lc": partial(lc, x),
+                "weight.sum()": weight.sum,
+                "dot(w, w)": partial(torch.dot, flat, flat),
+            },
+            reps=40,
+        )
+    bound = min(t["weight.sum()"], t["dot(w, w)"])
+    ratio = t["lc"] / bound
+    print(
+        f"-- LC forward N=1 (16->32 3x3 on 32x32, weights {mib(weight.numel() * 4).strip()}): "
+        f"{t['lc'] * 1e3:.3f} ms; reading the weights once {bound * 1e3:.3f} ms "
+        f"(weight.sum {t['weight.sum()'] * 1e3:.3f}, dot {t['dot(w, w)'] * 1e3:.3f})"
+    )
+    print(f"   LC fwd N=1 / weight read: {ratio:.2f}x (target <= 1.5x: {_met(ratio <= 1.5)})")
+    for case, target in ((TARGET, 2.0), ("3d N=8 8->16 16^3 k3", 3.0)):
+        steps = {impl: partial(step, *build(case, impl)) for impl in ("lc", "conv")}
+        t = best_times(steps, budget=6.0, reps=15)
+        ratio = t["lc"] / t["conv"]
+        print(
+            f"-- {case}: fwd+bwd lc {t['lc'] * 1e3:.1f} ms, conv {t['conv'] * 1e3:.1f} ms: "
+            f"{ratio:.2f}x (target <= {target:g}x: {_met(ratio <= target)})"
+        )
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
 def fc_section() -> None:
     print("== Fully connected forward, min time (dense T skipped above 512 MiB)")
     for case, (make, shape) in FC_CASES.items():
@@ -248,6 +293,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peak-memory", nargs=2, metavar=("CASE", "IMPL"))
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--targets-only", action="store_true", help="only the LC target ratios")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -265,8 +311,10 @@ def main() -> None:
             "waits for descheduled threads (try --threads 1)"
         )
     start = time.perf_counter()
-    lc_section()
-    fc_section()
+    targets_section()
+    if not args.targets_only:
+        lc_section()
+        fc_section()
     print(f"({time.perf_counter() - start:.0f} s)")
 
 

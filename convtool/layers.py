@@ -8,8 +8,11 @@
 
 How the LC layer is computed (numbers in ``benchmarks/layers.py``): the input is padded once
 with `F.pad` (in the padding mode), transposed to `(C_in, *spatial, N)` and cut into windows with
-chained `Tensor.unfold`, giving one `(C_in/g * K, N)` block per (position, group) in a single
-copy; one `torch.bmm` against the per-position kernels gives the output. The backward is written
+chained `Tensor.unfold`, giving one `(C_in/g * K, N)` block per (position, group); one
+`torch.bmm` against the per-position kernels gives the output. This runs a few output rows at a
+time, so the windows stay in cache (the backward copies them again instead of keeping them). At
+N=1 the products are matrix-vector products, done by numpy's stacked matmul on ordinary CPU
+tensors (about the time to read the weights; `torch.bmm` takes twice that). The backward is written
 out (:class:`_LocallyConnectedFunction`): autograd's own would hand `bmm` gradients with no unit
 stride, which it multiplies one matrix at a time, and undo the windows with `unfold_backward`,
 making a training step about 2.5x slower than the explicit transposes and tap loop used here.
@@ -22,6 +25,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -90,6 +94,91 @@ def _transpose(t: Tensor, rows: int) -> Tensor:
     return t.reshape(rows, -1).t().contiguous()
 
 
+def _eager(*tensors: Tensor) -> bool:
+    """True when nothing is being traced or compiled and every tensor is an ordinary one (not
+    a tracer's fake or functional wrapper)."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    return all(type(t) in (Tensor, nn.Parameter) for t in tensors)
+
+
+def _plain_cpu(*tensors: Tensor) -> bool:
+    """True when every tensor is an ordinary float32/float64 CPU tensor and nothing is being
+    traced or compiled: numpy may then compute on it (a tracer would not see numpy's work)."""
+    return _eager(*tensors) and all(
+        t.device.type == "cpu"
+        and t.dtype in (torch.float32, torch.float64)
+        and not t.is_conj()
+        and not t.is_neg()
+        for t in tensors
+    )
+
+
+def _matvecs(vecs: Tensor, mats: Tensor, out: Tensor | None = None) -> Tensor:
+    """`vecs (B, 1, K) @ mats (B, K, M)` -> `(B, 1, M)` (into `out`, contiguous, if given): one
+    vector-matrix product per block.
+
+    For ordinary CPU tensors this is numpy's stacked matmul, which calls BLAS once per block
+    with little overhead and streams each block once: about the time to read `mats`, where
+    `torch.bmm` takes about twice that on these shapes (its batched GEMM is tuned for
+    matrices, not vectors). Otherwise `torch.bmm`.
+    """
+    if not _plain_cpu(vecs, mats) or vecs.dtype != mats.dtype:
+        return torch.bmm(vecs, mats, out=out)
+    if out is None:
+        out = torch.empty((vecs.shape[0], 1, mats.shape[2]), dtype=vecs.dtype)
+    np.matmul(vecs.detach().numpy(), mats.detach().numpy(), out=out.numpy())
+    return out
+
+
+# Bytes of windows (or of their gradient) handled at a time: small enough to stay in cache and
+# to be reused by the allocator, instead of a fresh (page-faulting) array the size of all of them.
+_CHUNK_BYTES = 1 << 19
+
+
+def _row_chunks(out_sp: tuple[int, ...], per_position: int) -> list[tuple[int, int]]:
+    """Ranges of rows (first output axis) whose windows take about `_CHUNK_BYTES`."""
+    rows = out_sp[0]
+    step = max(1, _CHUNK_BYTES // max(1, per_position * math.prod(out_sp[1:])))
+    return [(lo, min(rows, lo + step)) for lo in range(0, rows, step)]
+
+
+def _windows(
+    xt: Tensor,
+    rows: tuple[int, int],
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+    groups: int,
+) -> Tensor:
+    """Windows of output rows `rows` (first axis) of the transposed padded input.
+
+    `xt (C_in, *padded, N)` -> `(P_rows*G, C_in/g*K, N)`, ordered like the weight's positions.
+    """
+    ndim = len(kernel)
+    c_in, n = xt.shape[0], xt.shape[-1]
+    lo, hi = rows
+    span = (hi - lo - 1) * stride[0] + dilation[0] * (kernel[0] - 1) + 1
+    win = xt.narrow(1, lo * stride[0], span)
+    for axis in range(ndim):
+        win = win.unfold(axis + 1, dilation[axis] * (kernel[axis] - 1) + 1, stride[axis])
+    if any(d > 1 for d in dilation):
+        every: tuple[Any, ...] = (..., *(slice(None, None, d) for d in dilation))
+        win = win[every]
+    # (C_in, *out, N, *k) -> (*out, G, C_in/g, *k, N) -> (P*G, C_in/g*K, N): one copy.
+    win = win.unflatten(0, (groups, c_in // groups))
+    perm = (*range(2, ndim + 2), 0, 1, *range(ndim + 3, 2 * ndim + 3), ndim + 2)
+    win = win.permute(perm)
+    if n == 1 and ndim > 1:
+        # One copy per first-axis tap: each moves whole kernel rows, about twice as fast as
+        # the one copy (which would otherwise rival the matrix-vector products).
+        cols = xt.new_empty(win.shape)
+        for tap in range(kernel[0]):
+            cols.select(ndim + 2, tap).copy_(win.select(ndim + 2, tap))
+        return cols.view(-1, (c_in // groups) * math.prod(kernel), 1)
+    return win.reshape(-1, (c_in // groups) * math.prod(kernel), n)
+
+
 class _LocallyConnectedFunction(torch.autograd.Function):
     """LC product on a padded input, with a hand-written backward.
 
@@ -97,10 +186,12 @@ class _LocallyConnectedFunction(torch.autograd.Function):
     (C_out, *out)` or None, and the geometry `(kernel, stride, dilation, groups)`.
     Output: `(N, C_out, *out)`, contiguous.
 
-    With `P` positions, `G` groups and `K` kernel taps: the input is transposed to
-    `(C_in, *padded, N)` and its windows copied once into `cols (P*G, C_in/g*K, N)` (moving runs
-    of `k*N` numbers); the forward and both gradients are then one batched matmul each over the
-    `P*G` blocks, and the input gradient is put back with one strided add per kernel tap.
+    With `P` positions, `G` groups and `K` kernel taps: the input is transposed once to
+    `(C_in, *padded, N)`. Then, a few output rows at a time (:data:`_CHUNK_BYTES`), their
+    windows are copied into `cols (P_rows*G, C_in/g*K, N)` (moving runs of `k*N` numbers) and
+    the forward and both gradients are one batched matmul each over those blocks; the input
+    gradient is put back with one strided add per kernel tap. Working a few rows at a time keeps
+    the windows in cache, and the backward copies them again rather than keeping them all.
     """
 
     @staticmethod
@@ -119,51 +210,58 @@ class _LocallyConnectedFunction(torch.autograd.Function):
         out_sp = tuple(weight.shape[:ndim])
         c_out = weight.shape[ndim]
         batch, cout_g = math.prod(out_sp) * groups, c_out // groups
+        per_row = batch // out_sp[0]  # blocks per row of the first output axis
 
-        win = _transpose(xp, n).view(c_in, *padded, n)
-        for axis in range(ndim):
-            win = win.unfold(axis + 1, dilation[axis] * (kernel[axis] - 1) + 1, stride[axis])
-        if any(d > 1 for d in dilation):
-            every: tuple[Any, ...] = (..., *(slice(None, None, d) for d in dilation))
-            win = win[every]
-        # (C_in, *out, N, *k) -> (*out, G, C_in/g, *k, N) -> (P*G, C_in/g*K, N): one copy.
-        win = win.unflatten(0, (groups, c_in // groups))
-        perm = (*range(2, ndim + 2), 0, 1, *range(ndim + 3, 2 * ndim + 3), ndim + 2)
-        cols = win.permute(perm).reshape(batch, -1, n)
-
+        xt = _transpose(xp, n).view(c_in, *padded, n)
         mat = weight.reshape(batch, cout_g, -1)
-        rows = None if bias is None else bias.reshape(c_out, -1).t().reshape(batch, 1, cout_g)
-        if n == 1:
-            # Matrix-vector products: bmm's per-matrix overhead would dominate them; a
-            # broadcast multiply-sum streams the weights once.
-            y = (mat * cols.transpose(1, 2)).sum(2).unsqueeze(1)
-            y = y if rows is None else y + rows
-        elif rows is None:
-            y = torch.bmm(cols.transpose(1, 2), mat.transpose(1, 2))
-        else:
-            y = torch.baddbmm(rows, cols.transpose(1, 2), mat.transpose(1, 2))
+        rows = None
+        if bias is not None and n > 1:
+            rows = bias.reshape(c_out, -1).t().reshape(batch, 1, cout_g)
+        # Chunks write into one array; tracers (torch.export) refuse out= on tensors that
+        # require grad, so they get a concatenation instead.
+        y = xp.new_empty(batch, n, cout_g) if _eager(xp, weight) else None
+        parts = []
+        per_position = groups * mat.shape[2] * n * xp.element_size()
+        for lo, hi in _row_chunks(out_sp, per_position):
+            cols = _windows(xt, (lo, hi), kernel, stride, dilation, groups)
+            part = slice(lo * per_row, hi * per_row)
+            dest = None if y is None else y[part]
+            if n == 1:
+                # Matrix-vector products: stream the weights once, no weight-sized temporary
+                # (the bias is added to the output below).
+                parts.append(_matvecs(cols.transpose(1, 2), mat[part].transpose(1, 2), dest))
+            elif rows is None:
+                parts.append(torch.bmm(cols.transpose(1, 2), mat[part].transpose(1, 2), out=dest))
+            else:
+                a, b = cols.transpose(1, 2), mat[part].transpose(1, 2)
+                parts.append(torch.baddbmm(rows[part], a, b, out=dest))
+        if y is None:
+            y = parts[0] if len(parts) == 1 else torch.cat(parts)
         # y: (P*G, N, C_out/g) -> (N, C_out, *out)
         if groups == 1:
             out = _transpose(y, batch).view(n, c_out, *out_sp)
         else:
             out = y.view(-1, groups, n, cout_g).permute(2, 1, 3, 0).contiguous()
             out = out.view(n, c_out, *out_sp)
+        if bias is not None and n == 1:
+            out = out.add_(bias)
 
-        # The windows are only needed for the weight gradient.
-        ctx.save_for_backward(cols if ctx.needs_input_grad[1] else None, weight)
+        # The input is only needed again for the weight gradient (its windows are recopied).
+        ctx.save_for_backward(xt if ctx.needs_input_grad[1] else None, weight)
         ctx.geometry = (padded, kernel, stride, dilation, groups, bias is not None)
         return out
 
     @staticmethod
-    @once_differentiable  # the saved windows carry no graph back to the input
+    @once_differentiable  # the saved input carries no graph back to itself
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        cols, weight = ctx.saved_tensors
+        xt, weight = ctx.saved_tensors
         padded, kernel, stride, dilation, groups, has_bias = ctx.geometry
         ndim = len(kernel)
         n = grad.shape[0]
         out_sp = tuple(weight.shape[:ndim])
         c_out, cin_g = weight.shape[ndim], weight.shape[ndim + 1]
         batch, cout_g = math.prod(out_sp) * groups, c_out // groups
+        per_row = batch // out_sp[0]
 
         # (N, C_out, *out) -> (P*G, N, C_out/g)
         if groups == 1:
@@ -173,34 +271,50 @@ class _LocallyConnectedFunction(torch.autograd.Function):
             gy = gy.view(batch, n, cout_g)
         mat = weight.reshape(batch, cout_g, -1)
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[1]:
-            if n == 1:  # outer products
-                grad_w = gy.transpose(1, 2) * cols.transpose(1, 2)
-            else:
-                grad_w = torch.bmm(gy.transpose(1, 2), cols.transpose(1, 2))
-            grad_w = grad_w.view(weight.shape)
         if has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum(0)
-        if ctx.needs_input_grad[0]:
-            if n <= _SMALL_BATCH:
-                # bmm writes (P*G, N, C_in/g*K) several times faster than its transpose when N
-                # is small; the tap loop below then reads N with a stride instead.
-                gcols = torch.bmm(gy, mat).view(*out_sp, groups, n, cin_g, *kernel)
+        want_w, want_x = ctx.needs_input_grad[1], ctx.needs_input_grad[0]
+        if want_w:
+            grad_w = torch.empty_like(mat)
+        gxs = grad.new_zeros(groups, cin_g, *padded, n) if want_x else None
+        small = n <= _SMALL_BATCH
+        per_position = groups * mat.shape[2] * n * grad.element_size()
+        for lo, hi in _row_chunks(out_sp, per_position) if want_w or want_x else []:
+            part = slice(lo * per_row, hi * per_row)
+            if grad_w is not None:
+                cols = _windows(xt, (lo, hi), kernel, stride, dilation, groups)
+                if n == 1:  # outer products
+                    torch.mul(gy[part].transpose(1, 2), cols.transpose(1, 2), out=grad_w[part])
+                else:
+                    torch.bmm(gy[part].transpose(1, 2), cols.transpose(1, 2), out=grad_w[part])
+            if gxs is None:
+                continue
+            chunk_sp = (hi - lo, *out_sp[1:])
+            if small:
+                # bmm writes (P*G, N, C_in/g*K) several times faster than its transpose when
+                # N is small; the tap loop below then reads N with a stride instead.
+                # At N=1 these are vector-matrix products (see _matvecs).
+                prod = _matvecs if n == 1 else torch.bmm
+                gcols = prod(gy[part], mat[part]).view(*chunk_sp, groups, n, cin_g, *kernel)
                 to_dest = (ndim, ndim + 2, *range(ndim), ndim + 1)
             else:
-                gcols = torch.bmm(mat.transpose(1, 2), gy.transpose(1, 2))
-                gcols = gcols.view(*out_sp, groups, cin_g, *kernel, n)
+                gcols = torch.bmm(mat[part].transpose(1, 2), gy[part].transpose(1, 2))
+                gcols = gcols.view(*chunk_sp, groups, cin_g, *kernel, n)
                 to_dest = (ndim, ndim + 1, *range(ndim), ndim + 2)
-            gxs = grad.new_zeros(groups, cin_g, *padded, n)
+            lead = ndim + 3 if small else ndim + 2
             # Undo the windows: one strided add per kernel tap (not per position).
             for tap in itertools.product(*(range(k) for k in kernel)):
                 window: tuple[Any, ...] = tuple(
-                    slice(t * d, t * d + s * (o - 1) + 1, s)
-                    for t, d, s, o in zip(tap, dilation, stride, out_sp, strict=True)
+                    slice(t * d + a * s, t * d + s * (a + o - 1) + 1, s)
+                    for t, d, s, o, a in zip(
+                        tap, dilation, stride, chunk_sp, (lo,) + (0,) * (ndim - 1), strict=True
+                    )
                 )
-                lead = ndim + 3 if n <= _SMALL_BATCH else ndim + 2
                 taps: tuple[Any, ...] = (*(slice(None),) * lead, *tap)
                 gxs[(slice(None), slice(None), *window)].add_(gcols[taps].permute(to_dest))
+        if grad_w is not None:
+            grad_w = grad_w.view(weight.shape)
+        if gxs is not None:
             grad_x = _transpose(gxs, gxs.numel() // n).view(n, groups * cin_g, *padded)
         return grad_x, grad_w, grad_b, None, None, None, None
 

@@ -11,6 +11,12 @@ that tap reads (after the padding map: crop for zeros, a gather for the other mo
 several taps may land on one column and are summed). Every output channel then is the template
 shifted, with values gathered from its kernel. The cost is the template (`P_out * C_in/g * K`)
 plus one pass over the non-zeros.
+
+The template needs no sort and no mask over it: along each axis the (output, input index) pairs
+are few (`out * k`, sorted there, and merged where padding folds taps together), the template's
+entries are their product, and where each one goes in (row, col) order is a closed-form number
+(:func:`_place`). A transposed conv's `T` gets its own template the same way, from the pairs
+read the other way round (input index -> output positions), so it comes out sorted too.
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ class Template:
         cols: `(L,)` column inside the group's input block: `ci_in_group * P_in + in_position`.
         src: `(U,)` index into the group's flattened kernel `w[co].reshape(-1)` for each tap.
         merge: `(U,)` entry (0..L-1) each tap adds into, or None when taps and entries coincide.
+            When set, its first `L` values are `0..L-1` (each entry's first tap, in order): the
+            values are then a gather plus a few additions.
         row_counts: `(P_out,)` entries per output position.
         out_spatial / in_spatial: spatial shapes on the forward-conv side.
     """
@@ -90,6 +98,195 @@ def _axis_positions(
     raise ConvtoolError(f"unknown padding_mode {mode!r}")
 
 
+@dataclass(frozen=True)
+class _AxisPairs:
+    """Along one axis: the distinct (row, col) pairs that the taps make, sorted by (row, col).
+
+    Attributes:
+        counts: `(R,)` pairs per row.
+        rows, cols, rank, taps: `(E,)` per pair: its row, its column, its index among its row's
+            pairs, and the first tap (kernel index along the axis) landing on it.
+        x_rows, x_rank, x_taps: `(X,)` per further tap landing on a pair that has its first
+            tap already (several taps on one column, non-zero padding modes): the pair's row
+            and rank, and the tap.
+    """
+
+    counts: Tensor
+    rows: Tensor
+    cols: Tensor
+    rank: Tensor
+    taps: Tensor
+    x_rows: Tensor
+    x_rank: Tensor
+    x_taps: Tensor
+
+
+def _axis_pairs(
+    n: int, m: int, k: int, s: int, d: int, lo: int, mode: str, adjoint: bool
+) -> _AxisPairs:
+    """The (output position, input index) pairs of one axis, or with `adjoint` the (input
+    index, output position) pairs: rows are input indices, as in a transposed conv's matrix.
+
+    The work is a sort of `m * k` numbers: small, whatever the layer's other axes and channels.
+    """
+    pos, valid = _axis_positions(n, m, k, s, d, lo, mode)
+    out = torch.arange(m, dtype=torch.int64).view(m, 1).expand(m, k)
+    tap = torch.arange(k, dtype=torch.int64).view(1, k).expand(m, k)
+    row, col, n_rows, n_cols = (pos, out, n, m) if adjoint else (out, pos, m, n)
+    if valid is None:
+        row, col, tap = row.reshape(-1), col.reshape(-1), tap.reshape(-1)
+    else:
+        row, col, tap = row[valid], col[valid], tap[valid]
+    key, order = torch.sort(row * n_cols + col, stable=True)
+    row, col, tap = row[order], col[order], tap[order]
+    first = torch.ones_like(key, dtype=torch.bool)
+    first[1:] = key[1:] != key[:-1]
+    pair = torch.cumsum(first, 0) - 1
+    rows = row[first]
+    counts = torch.bincount(rows, minlength=n_rows)
+    rank = torch.arange(rows.numel(), dtype=torch.int64) - (torch.cumsum(counts, 0) - counts)[rows]
+    extra = ~first
+    return _AxisPairs(
+        counts, rows, col[first], rank, tap[first], row[extra], rank[pair[extra]], tap[extra]
+    )
+
+
+def _broadcast(parts: Sequence[Tensor]) -> list[Tensor]:
+    """Views of 1-d tensors along successive dims of a common grid."""
+    dims = len(parts)
+    return [p.view([-1 if b == a else 1 for b in range(dims)]) for a, p in enumerate(parts)]
+
+
+def _product(parts: Sequence[Tensor]) -> Tensor:
+    """The broadcast product of tensors."""
+    value = parts[0]
+    for part in parts[1:]:
+        value = value * part
+    return value
+
+
+def _mixed_radix(digits: Sequence[Tensor], radices: Sequence[Tensor]) -> Tensor:
+    """`((d_1 * r_2 + d_2) * r_3 + d_3) ...` over a broadcast grid."""
+    value = digits[0]
+    for digit, radix in zip(digits[1:], radices[1:], strict=True):
+        value = value * radix + digit
+    return value
+
+
+def _place(
+    rows: Sequence[Tensor],
+    rank: Sequence[Tensor],
+    counts: Sequence[Tensor],
+    row_start: Tensor,
+    row_shape: Sequence[int],
+    chans: int,
+) -> tuple[Tensor, Tensor]:
+    """Where each (channel, per-axis pair) combination sits in the template, in closed form.
+
+    A template lists entries by (row, channel, pair_1, ..., pair_D): row `r` holds `chans *
+    prod_a counts_a[r_a]` entries and the rest is a mixed-radix number. Inputs are per-axis
+    1-d tensors (the pairs' rows and ranks, and the counts of their rows). Returns the flat
+    row of each combination `(M,)` and its template index `(chans, M)`, `M` the grid size.
+    """
+    grid = [p.numel() for p in rows]
+    size = math.prod(grid)
+    rb = _broadcast(rows)
+    flat_row = rb[-1]
+    stride = 1
+    for axis in range(len(rb) - 2, -1, -1):
+        stride *= row_shape[axis + 1]
+        flat_row = flat_row + rb[axis] * stride
+    flat_row = flat_row.expand(grid).reshape(size)
+    within = _mixed_radix(_broadcast(rank), _broadcast(counts)).expand(grid).reshape(size)
+    per_chan = _product(_broadcast(counts)).expand(grid).reshape(size)
+    dest = torch.arange(chans, dtype=torch.int64).view(chans, 1) * per_chan
+    dest += row_start[flat_row] + within
+    return flat_row, dest
+
+
+def _flat(parts: Sequence[Tensor], sizes: Sequence[int]) -> Tensor:
+    """C-order flat index over a broadcast grid of per-axis indices (same dims as `_place`)."""
+    grid = [p.numel() for p in parts]
+    value = torch.zeros((), dtype=torch.int64)
+    stride = 1
+    for axis in range(len(parts) - 1, -1, -1):
+        value = value + _broadcast(parts)[axis] * stride
+        stride *= sizes[axis]
+    return value.expand(grid).reshape(-1)
+
+
+def _build_template(
+    axes: Sequence[_AxisPairs],
+    row_shape: tuple[int, ...],
+    col_shape: tuple[int, ...],
+    kernel: tuple[int, ...],
+    chans: int,
+) -> Template:
+    """The template of a product of per-axis pairs: no sort and no mask over the template.
+
+    Every entry's place is computed (:func:`_place`) and the entries are written there, so the
+    cost is a few passes over the template whatever the padding mode or the kind of conv.
+    """
+    p_rows, p_cols, ktaps = math.prod(row_shape), math.prod(col_shape), math.prod(kernel)
+    row_counts = chans * _product(_broadcast([a.counts for a in axes]))
+    row_counts = row_counts.expand(row_shape).reshape(p_rows)
+    row_start = torch.cumsum(row_counts, 0) - row_counts
+    total = int(row_counts.sum())
+    chan = torch.arange(chans, dtype=torch.int64).view(chans, 1)
+
+    flat_row, dest = _place(
+        [a.rows for a in axes],
+        [a.rank for a in axes],
+        [a.counts[a.rows] for a in axes],
+        row_start,
+        row_shape,
+        chans,
+    )
+    rows = torch.empty(total, dtype=torch.int64)
+    cols = torch.empty(total, dtype=torch.int64)
+    src = torch.empty(total, dtype=torch.int64)
+    rows[dest] = flat_row
+    where = dest.view(-1)
+    cols.scatter_(0, where, (chan * p_cols + _flat([a.cols for a in axes], col_shape)).view(-1))
+    src.scatter_(0, where, (chan * ktaps + _flat([a.taps for a in axes], kernel)).view(-1))
+
+    # Further taps on a column (padding modes that fold the border back): for axis `a`, the
+    # combinations whose axis-`a` tap is a further one, axes before it first taps and axes
+    # after it any tap. Each tap is counted once; their values are added onto the entries.
+    extra_src, extra_dest = [src], [torch.arange(total, dtype=torch.int64)]
+    for axis, pairs in enumerate(axes):
+        if pairs.x_rows.numel() == 0:
+            continue
+        parts = []
+        for b, other in enumerate(axes):
+            if b < axis:
+                parts.append((other.rows, other.rank, other.taps))
+            elif b == axis:
+                parts.append((other.x_rows, other.x_rank, other.x_taps))
+            else:
+                parts.append(
+                    (
+                        torch.cat([other.rows, other.x_rows]),
+                        torch.cat([other.rank, other.x_rank]),
+                        torch.cat([other.taps, other.x_taps]),
+                    )
+                )
+        _, where = _place(
+            [p[0] for p in parts],
+            [p[1] for p in parts],
+            [axes[b].counts[p[0]] for b, p in enumerate(parts)],
+            row_start,
+            row_shape,
+            chans,
+        )
+        extra_dest.append(where.reshape(-1))
+        extra_src.append((chan * ktaps + _flat([p[2] for p in parts], kernel)).reshape(-1))
+    merge = None
+    if len(extra_src) > 1:
+        src, merge = torch.cat(extra_src), torch.cat(extra_dest)
+    return Template(rows, cols, src, merge, row_counts, row_shape, col_shape)
+
+
 @lru_cache(maxsize=8)
 def _template_cached(
     in_spatial: tuple[int, ...],
@@ -101,54 +298,35 @@ def _template_cached(
     pad_lo: tuple[int, ...],
     mode: str,
 ) -> Template:
-    ndim = len(kernel)
-    p_in = math.prod(in_spatial)
-    p_out = math.prod(out_spatial)
-    ktaps = math.prod(kernel)
-    # Combine the per-axis (m_i, k_i) tables into one (m_1..m_D, k_1..k_D) table by broadcasting.
-    flat_in = torch.zeros((1,) * (2 * ndim), dtype=torch.int64)
-    valid: Tensor | None = None
-    in_stride = 1
-    for axis in reversed(range(ndim)):
-        pos, ok = _axis_positions(
-            in_spatial[axis],
-            out_spatial[axis],
-            kernel[axis],
-            stride[axis],
-            dilation[axis],
-            pad_lo[axis],
-            mode,
+    axes = [
+        _axis_pairs(n, m, k, s, d, lo, mode, adjoint=False)
+        for n, m, k, s, d, lo in zip(
+            in_spatial, out_spatial, kernel, stride, dilation, pad_lo, strict=True
         )
-        view = [1] * (2 * ndim)
-        view[axis], view[ndim + axis] = out_spatial[axis], kernel[axis]
-        flat_in = flat_in + pos.view(view) * in_stride
-        if ok is not None:
-            valid = ok.view(view) if valid is None else valid & ok.view(view)
-        in_stride *= in_spatial[axis]
-    flat_in = flat_in.expand(*out_spatial, *kernel).reshape(p_out, 1, ktaps)
+    ]
+    return _build_template(axes, out_spatial, in_spatial, kernel, cin_g)
 
-    # Template over (o, ci, k): the natural order is sorted by (row, col) when nothing wraps.
-    ci = torch.arange(cin_g, dtype=torch.int64).view(1, cin_g, 1)
-    cols = (ci * p_in + flat_in).expand(p_out, cin_g, ktaps)
-    src = (ci * ktaps + torch.arange(ktaps, dtype=torch.int64).view(1, 1, ktaps)).expand(
-        p_out, cin_g, ktaps
-    )
-    rows = torch.arange(p_out, dtype=torch.int64).view(p_out, 1, 1).expand(p_out, cin_g, ktaps)
-    if valid is not None:
-        mask = valid.expand(*out_spatial, *kernel).reshape(p_out, 1, ktaps).expand_as(cols)
-        rows, cols, src = rows[mask], cols[mask], src[mask]
-    else:
-        rows, cols, src = rows.reshape(-1), cols.reshape(-1), src.reshape(-1)
 
-    merge: Tensor | None = None
-    if mode != "zeros":
-        # Gathers may put several taps on one column, in any order: sort and merge them.
-        key = rows * (cin_g * p_in) + cols
-        uniq, inverse = torch.unique(key, sorted=True, return_inverse=True)
-        if uniq.numel() != key.numel() or not bool((inverse[1:] > inverse[:-1]).all()):
-            rows, cols, merge = uniq // (cin_g * p_in), uniq % (cin_g * p_in), inverse
-    row_counts = torch.bincount(rows, minlength=p_out)
-    return Template(rows, cols, src, merge, row_counts, out_spatial, in_spatial)
+@lru_cache(maxsize=8)
+def _adjoint_template_cached(
+    in_spatial: tuple[int, ...],
+    out_spatial: tuple[int, ...],
+    cout_g: int,
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+    pad_lo: tuple[int, ...],
+) -> Template:
+    """Template of the *transpose* of a zero-padded forward conv's matrix, in its own (row,
+    col) order: rows are the forward input positions, channels the forward output channels of
+    a group, `src` indexes a forward kernel read as `(C_in/g, C_out/g * K)` per group."""
+    axes = [
+        _axis_pairs(n, m, k, s, d, lo, "zeros", adjoint=True)
+        for n, m, k, s, d, lo in zip(
+            in_spatial, out_spatial, kernel, stride, dilation, pad_lo, strict=True
+        )
+    ]
+    return _build_template(axes, in_spatial, out_spatial, kernel, cout_g)
 
 
 def _forward_geometry(
@@ -222,11 +400,21 @@ def _check_weight(spec: ConvSpec, weight: Tensor) -> Tensor:
 
 def _values(fwd: ConvSpec, tpl: Template, weight: Tensor, co: slice) -> Tensor:
     """Values of the entries of output channels `co` (forward side): `(n_co, L)`."""
-    w = weight.reshape(fwd.out_channels, -1)[co]
-    vals = w[:, tpl.src]
-    if tpl.merge is not None:
-        merged = vals.new_zeros((vals.shape[0], tpl.rows.numel()))
-        vals = merged.index_add_(1, tpl.merge, vals)
+    return _gather(weight.reshape(fwd.out_channels, -1)[co], tpl)
+
+
+def _gather(w: Tensor, tpl: Template) -> Tensor:
+    """Template values for kernels `w (n, C/g * K)`: `(n, L)`, merged taps summed."""
+    entries = tpl.rows.numel()
+    # index_select, not w[:, src]: advanced indexing along dim 1 is several times slower.
+    if tpl.merge is None:
+        return torch.index_select(w, 1, tpl.src)
+    vals = torch.index_select(w, 1, tpl.src[:entries])  # each entry's first tap (Template.merge)
+    extra = tpl.merge[entries:]
+    if extra.numel():
+        # One flat index_add: along dim 1 of a 2-d tensor it would add column by column.
+        where = (torch.arange(w.shape[0], dtype=torch.int64).view(-1, 1) * entries + extra).view(-1)
+        vals.view(-1).index_add_(0, where, torch.index_select(w, 1, tpl.src[entries:]).view(-1))
     return vals
 
 
@@ -299,35 +487,66 @@ def _dense(spec: ConvSpec, weight: Tensor, input_shape: Sequence[int]) -> Tensor
     return out
 
 
+def _own_template(
+    spec: ConvSpec, weight: Tensor, input_shape: Sequence[int]
+) -> tuple[Template, Tensor, int]:
+    """The template of `T` in its own (row, col) order, the kernels it reads and the channels
+    per group along its rows.
+
+    Returns `(template, w, inner)`: row channel `c` of `T` takes its values from `w[c]`, a
+    `(rows of T / P_out, inner * K)` matrix; its columns start at `(c // (len(w) / groups)) *
+    inner * P_in`. For a conv that is the template and the weight; for a transposed conv the
+    template of the transpose (no sort: its order is computed) and the weight regrouped.
+    """
+    fwd, in_sp, out_sp = _forward_geometry(spec, input_shape)
+    if not spec.transposed:
+        _, tpl = template(spec, input_shape)
+        return tpl, weight.reshape(spec.out_channels, -1), spec.in_channels // spec.groups
+    groups = spec.groups
+    cout_g, cin_g = fwd.out_channels // groups, fwd.in_channels // groups
+    tpl = _adjoint_template_cached(
+        in_sp,
+        out_sp,
+        cout_g,
+        fwd.kernel_size,
+        fwd.stride,
+        fwd.dilation,
+        tuple(lo for lo, _ in fwd.pad_pairs),
+    )
+    # weight (C_in, C_out/g, *k) = forward (out, in/g, *k): row channel (g, ci) reads
+    # w[g * cout_g + co, ci, k] at (co, k).
+    w = weight.reshape(groups, cout_g, cin_g, -1).transpose(1, 2).reshape(groups * cin_g, -1)
+    return tpl, w, cout_g
+
+
 def _sparse(
     spec: ConvSpec, weight: Tensor, input_shape: Sequence[int], layout: SparseLayout
 ) -> Tensor:
     if layout not in ("coo", "csr"):
         raise ConvtoolError(f"sparse layout must be 'coo' or 'csr', got {layout!r}")
     size = matrix_shape(spec, input_shape)
-    if spec.transposed:
-        rows, cols, vals = coo_entries(spec, weight, input_shape)
-        t = torch.sparse_coo_tensor(
-            torch.stack([cols, rows]), vals, size, check_invariants=False
-        ).coalesce()
-        return t.to_sparse_csr() if layout == "csr" else t
+    weight = _check_weight(spec, weight)
+    tpl, w, inner = _own_template(spec, weight, input_shape)
+    chans = w.shape[0]
+    per_group = chans // spec.groups
+    p_rows, p_cols = math.prod(tpl.out_spatial), math.prod(tpl.in_spatial)
+    channels = torch.arange(chans, dtype=torch.int64)[:, None]
+    entries = tpl.rows.numel()
+    vals = _gather(w, tpl).reshape(-1)
     if layout == "csr":
-        weight = _check_weight(spec, weight)
-        fwd, tpl = template(spec, input_shape)
-        p_in = math.prod(tpl.in_spatial)
-        cin_g = fwd.in_channels // fwd.groups
-        cout_g = fwd.out_channels // fwd.groups
-        channels = torch.arange(fwd.out_channels, dtype=torch.int64)[:, None]
-        cols = ((channels // cout_g) * (cin_g * p_in) + tpl.cols).reshape(-1)
-        vals = _values(fwd, tpl, weight, slice(None)).reshape(-1)
+        cols = ((channels // per_group) * (inner * p_cols) + tpl.cols).reshape(-1)
         crow = torch.zeros(size[0] + 1, dtype=torch.int64)
-        torch.cumsum(tpl.row_counts.repeat(fwd.out_channels), 0, out=crow[1:])
+        torch.cumsum(tpl.row_counts.repeat(chans), 0, out=crow[1:])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "CSR support is in beta": we only build and multiply
             return torch.sparse_csr_tensor(crow, cols, vals, size, check_invariants=False)
-    fwd, tpl = template(spec, input_shape)
-    indices = torch.empty((2, tpl.rows.numel() * fwd.out_channels), dtype=torch.int64)
-    _, _, vals = coo_entries(spec, weight, input_shape, out=indices)
+    indices = torch.empty((2, chans * entries), dtype=torch.int64)
+    torch.add(channels * p_rows, tpl.rows, out=indices[0].view(chans, entries))
+    torch.add(
+        (channels // per_group) * (inner * p_cols),
+        tpl.cols,
+        out=indices[1].view(chans, entries),
+    )
     return torch.sparse_coo_tensor(indices, vals, size, is_coalesced=True, check_invariants=False)
 
 

@@ -426,3 +426,84 @@ def test_fully_connected_without_a_conv():
     torch.testing.assert_close(fc(x), x.reshape(5, 4) @ t.T + 1)
     sparse = FullyConnected((2, 2), (3,), t.to_sparse_csr())
     torch.testing.assert_close(sparse(x), x.reshape(5, 4) @ t.T)
+
+
+# ----------------------------------------------------------------------------- code paths
+CHUNK_CASES = [
+    (1, 4, 6, (12,), 3, {"stride": 2, "dilation": 2, "padding": 3, "groups": 2}),
+    (2, 4, 6, (9, 8), (2, 3), {"stride": (2, 1), "padding": (1, 2), "groups": 2}),
+    (2, 2, 3, (8, 9), 3, {"dilation": (2, 1), "padding": "same", "padding_mode": "reflect"}),
+    (3, 4, 4, (6, 5, 6), (2, 3, 2), {"stride": (2, 1, 2), "dilation": (1, 2, 1), "groups": 2}),
+]
+
+
+@pytest.mark.parametrize("ndim, cin, cout, spatial, k, kw", CHUNK_CASES)
+@pytest.mark.parametrize("n", [1, 3, 20])
+def test_lc_in_row_chunks_equals_conv(monkeypatch, ndim, cin, cout, spatial, k, kw, n):
+    """One output row per chunk (the layer works a few rows at a time on large inputs)."""
+    import convtool.layers as layers
+
+    monkeypatch.setattr(layers, "_CHUNK_BYTES", 1)
+    conv = make_conv(ndim, cin, cout, k, **kw)
+    lc = to_locally_connected(conv, (cin, *spatial))
+    x = batch((cin, *spatial), n=n).requires_grad_()
+    x_lc = x.detach().clone().requires_grad_()
+    y, y_lc = conv(x), lc(x_lc)
+    torch.testing.assert_close(y_lc, y, **F64)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_lc.backward(g)
+    torch.testing.assert_close(x_lc.grad, x.grad, **F64)
+    torch.testing.assert_close(lc.weight.grad.sum(tuple(range(ndim))), conv.weight.grad, **F64)
+    torch.testing.assert_close(lc.bias.grad.sum(tuple(range(1, ndim + 1))), conv.bias.grad, **F64)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_lc_gradcheck_in_row_chunks(monkeypatch, n):
+    import convtool.layers as layers
+
+    monkeypatch.setattr(layers, "_CHUNK_BYTES", 1)
+    torch.manual_seed(0)
+    lc = LocallyConnected2d(2, 4, (4, 5), (2, 3), stride=(1, 2), padding=1, groups=2)
+    lc = lc.double()
+    with torch.no_grad():
+        lc.weight.normal_()
+        lc.bias.normal_()
+    x = torch.randn(n, 2, 4, 5, dtype=torch.float64, requires_grad=True)
+
+    def run(x, w, b):
+        return torch.func.functional_call(lc, {"weight": w, "bias": b}, (x,))
+
+    assert torch.autograd.gradcheck(run, (x, lc.weight, lc.bias))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("ndim, cin, cout, spatial, k, kw", CHUNK_CASES)
+def test_lc_single_sample_numpy_and_torch_paths_equal_conv(
+    monkeypatch, dtype, ndim, cin, cout, spatial, k, kw
+):
+    """At N=1 the forward multiplies with numpy on plain CPU tensors, with torch otherwise."""
+    import convtool.layers as layers
+
+    conv = make_conv(ndim, cin, cout, k, **kw).to(dtype)
+    lc = to_locally_connected(conv, (cin, *spatial))
+    x = batch((cin, *spatial), n=1, dtype=dtype)
+    tol = F64 if dtype == torch.float64 else {"atol": 1e-5, "rtol": 1e-5}
+    with torch.no_grad():
+        expected = conv(x)
+        fast = lc(x)
+        unbatched = lc(x[0])
+        monkeypatch.setattr(layers, "_plain_cpu", lambda *tensors: False)
+        plain = lc(x)
+    torch.testing.assert_close(fast, expected, **tol)
+    torch.testing.assert_close(plain, expected, **tol)
+    torch.testing.assert_close(unbatched, expected[0], **tol)
+
+
+def test_lc_single_sample_path_is_traced_by_torch_not_numpy():
+    conv = make_conv(2, 2, 4, 3, padding=1)
+    lc = to_locally_connected(conv, (2, 6, 5))
+    x = batch((2, 6, 5), n=1)
+    program = torch.export.export(lc, (x,))
+    x2 = batch((2, 6, 5), n=1)
+    torch.testing.assert_close(program.module()(x2), conv(x2), **F64)

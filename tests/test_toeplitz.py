@@ -244,3 +244,33 @@ def test_structural_nnz_counts_padding_and_merges() -> None:
     # 4x4 input, 3x3 kernel, zero padding 1: corner rows see 4 taps, edges 6, interior 9
     assert structural_nnz(spec, (1, 4, 4)) == 4 * 4 + 8 * 6 + 4 * 9
     assert math.prod((16, 16)) >= structural_nnz(spec, (1, 4, 4))
+
+
+@pytest.mark.parametrize(
+    "layer, shape",
+    [
+        (nn.Conv2d(3, 4, 3, padding=2, padding_mode="circular"), (3, 4, 5)),
+        (nn.Conv2d(2, 4, (3, 2), padding=(2, 1), padding_mode="reflect", groups=2), (2, 4, 5)),
+        (nn.Conv3d(2, 3, 3, padding=2, padding_mode="replicate"), (2, 3, 2, 4)),
+        (nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2), (4, 3, 4)),
+        (nn.ConvTranspose3d(2, 3, (2, 3, 2), stride=(2, 1, 3), dilation=(1, 2, 1)), (2, 3, 2, 2)),
+    ],
+)
+def test_sparse_indices_are_sorted_and_unique(layer: nn.Module, shape: tuple[int, ...]) -> None:
+    """The COO tensor is declared coalesced and the CSR one is built unchecked: verify both."""
+    from convtool import matrices
+
+    matrices._template_cached.cache_clear()  # cold: the template is built here
+    matrices._adjoint_template_cached.cache_clear()
+    layer = layer.double()
+    coo = toeplitz(layer, shape, sparse=True)
+    ref = torch.sparse_coo_tensor(
+        coo.indices(), coo.values(), coo.shape, check_invariants=True
+    ).coalesce()
+    assert torch.equal(coo.indices(), ref.indices())
+    torch.testing.assert_close(coo.values(), ref.values(), rtol=0, atol=0)
+    csr = toeplitz(layer, shape, sparse=True, layout="csr")
+    rebuilt = torch.sparse_csr_tensor(
+        csr.crow_indices(), csr.col_indices(), csr.values(), csr.shape, check_invariants=True
+    )
+    torch.testing.assert_close(rebuilt.to_dense(), jacobian(layer, shape), rtol=0, atol=1e-12)
