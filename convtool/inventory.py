@@ -576,8 +576,9 @@ def _capture_eager(
         if layer.conflict and layer.skipped is None:
             seen = ", ".join(str(s) for s in layer.input_shapes)
             layer.skipped = f"it is called on several input shapes ({seen})"
+    owners = {id(layer.module) for layer in inv.layers}
     for static in module_layers(model):
-        if static.name not in records:
+        if static.name not in records and id(static.module) not in owners:
             static.skipped = "the model does not call it on the example input"
             inv.layers.append(static)
     return inv

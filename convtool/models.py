@@ -681,8 +681,7 @@ def export_converted(
     from convtool.io.checkpoints import quiet
 
     x = example_tensor(model, example_input)
-    if forward_kwargs:
-        model = _Bound(model, forward_kwargs)
+    model = _Bound(model, forward_kwargs or {})  # one tensor argument: a dynamic batch dim
     module = _exportable(model, x)
     _set_training(module, False)
     dynamic = True
