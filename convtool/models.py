@@ -28,7 +28,6 @@ from convtool.inventory import (
     ConvLayer,
     FunctionalConv,
     Inventory,
-    _sample,
     _set_training,
     example_tensor,
     intercept,

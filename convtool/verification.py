@@ -27,7 +27,7 @@ import dataclasses
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +44,7 @@ from convtool.compare import (
     resolve_tolerance,
 )
 from convtool.errors import ConvtoolError
-from convtool.io.source import ConvLayer
+from convtool.inventory import ConvLayer, capture, select
 from convtool.matrices import bias_vector_for, coo_entries, matrix, matrix_info
 from convtool.resources import available_memory, human_bytes
 from convtool.spec import ConvSpec, build_conv, is_conv
@@ -248,10 +248,12 @@ def _budget(max_memory: int | None) -> int:
     return available_memory() if max_memory is None else max_memory
 
 
-def _quiet_forward(module: nn.Module, x: Tensor) -> Any:
+def _quiet_forward(
+    module: nn.Module, x: Tensor, forward_kwargs: Mapping[str, Any] | None = None
+) -> Any:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return module(x)
+        return module(x, **dict(forward_kwargs or {}))
 
 
 # ---------------------------------------------------------------------------------- one layer
@@ -571,10 +573,14 @@ def _flatten_outputs(out: Any) -> Tensor:
     return torch.cat([t.to(torch.float64) if t.is_floating_point() else t for t in leaves])
 
 
-def _run_model(model: nn.Module, inputs: Tensor) -> Tensor:
+def _run_model(
+    model: nn.Module, inputs: Tensor, forward_kwargs: Mapping[str, Any] | None = None
+) -> Tensor:
     """Outputs for each example input `(K, *example_shape)`: `(K, numel of one output)`."""
     try:
-        return torch.stack([_flatten_outputs(_quiet_forward(model, x)) for x in inputs])
+        return torch.stack(
+            [_flatten_outputs(_quiet_forward(model, x, forward_kwargs)) for x in inputs]
+        )
     except ConvtoolError:
         raise
     except Exception as exc:
@@ -597,6 +603,7 @@ def check_model(
     layers: Sequence[str] | None = None,
     max_memory: int | None = None,
     advance: Advance | None = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
 ) -> list[FormCheck]:
     """The converted model against the original, on inputs of the example's shape (end to end).
 
@@ -629,8 +636,9 @@ def check_model(
             warnings.simplefilter("ignore")
             reference = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
         inputs = make_inputs(shape, trials, seed, dtype)
-        run = _ModelRun(reference, shape, inputs, _run_model(reference, inputs), tol,
-                        input_labels(trials), layers, _budget(max_memory))  # fmt: skip
+        kw = dict(forward_kwargs or {})
+        run = _ModelRun(reference, shape, inputs, _run_model(reference, inputs, kw), tol,
+                        input_labels(trials), layers, _budget(max_memory), kw)  # fmt: skip
         for form in forms:
             started = time.perf_counter()
             check = _model_form(run, form)
@@ -651,6 +659,7 @@ class _ModelRun:
     labels: list[str]
     layers: Sequence[str] | None
     budget: int
+    forward_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def result(self, form: str, status: str, **kwargs: Any) -> FormCheck:
         out = tuple(self.expected.shape[1:])
@@ -660,11 +669,12 @@ class _ModelRun:
 
 def _model_need(run: _ModelRun, form: str, names: set[str]) -> int:
     """Bytes the converted convs need (dense T, or sparse T which bounds the LC weights too)."""
-    shapes = models.capture(run.reference, run.shape).input_shapes
+    inv = capture(run.reference, run.shape, run.forward_kwargs)
     total = 0
-    for name in names & set(shapes):
-        spec = ConvSpec.from_module(run.reference.get_submodule(name))
-        info = matrix_info(spec, shapes[name], run.inputs.dtype)
+    for layer in inv.layers:
+        if layer.name not in names or layer.input_shape is None:
+            continue
+        info = matrix_info(layer.spec, layer.input_shape, run.inputs.dtype)
         if form == "fc-dense":
             total += 2 * info.dense_bytes
         else:
@@ -673,9 +683,14 @@ def _model_need(run: _ModelRun, form: str, names: set[str]) -> int:
 
 
 def _model_form(run: _ModelRun, form: str) -> FormCheck:
-    names = set(run.layers) if run.layers is not None else _conv_names(run.reference)
+    inv = capture(run.reference, run.shape, run.forward_kwargs)
+    names = set(run.layers) if run.layers is not None else {x.name for x in inv.layers}
     to, sparse = ("lc", False) if form == "lc" else ("fc", form == "fc-sparse")
-    kept = _transposed_names(run.reference, names) if to == "lc" else []
+    kept = (
+        sorted(x.name for x in inv.layers if x.name in names and x.spec.transposed)
+        if to == "lc"
+        else []
+    )
     names -= set(kept)
     notes = [f"transposed convs have no LC form, kept: {', '.join(kept)}"] if kept else []
     if not names:
@@ -689,7 +704,7 @@ def _model_form(run: _ModelRun, form: str) -> FormCheck:
         return run.result(form, FAILED, note=f"converting the model failed: {exc}")
     notes.insert(0, f"{len(conversion.layers)} conv(s) converted")
     notes.extend(conversion.warnings())
-    actual = _run_model(converted.eval(), run.inputs)
+    actual = _run_model(converted.eval(), run.inputs, run.forward_kwargs)
     cmp = compare(run.expected, actual, run.tol.rtol, run.tol.atol, tolerance_source=run.tol.source)
     worst = run.labels[cmp.worst_index[0]] if cmp.worst_index is not None else None
     if cmp.nonfinite:
@@ -704,20 +719,8 @@ def _convert_model(run: _ModelRun, to: str, sparse: bool, names: set[str]) -> tu
         warnings.simplefilter("ignore")  # what matters is in the conversion report
         return models.convert_with_report(
             run.reference, run.shape, to=to, sparse=sparse, layers=sorted(names),
-            memory_limit=run.budget,
+            memory_limit=run.budget, forward_kwargs=run.forward_kwargs,
         )  # fmt: skip
-
-
-def _conv_names(model: nn.Module) -> set[str]:
-    return {name for name, m in model.named_modules() if is_conv(m)}
-
-
-def _transposed_names(model: nn.Module, names: set[str]) -> list[str]:
-    return sorted(
-        name
-        for name, m in model.named_modules()
-        if name in names and is_conv(m) and ConvSpec.from_module(m).transposed
-    )
 
 
 # ---------------------------------------------------------------------------------- front doors
@@ -735,6 +738,7 @@ def verify_layers(
     max_memory: int | None = None,
     end_to_end: bool = True,
     advance: Advance | None = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
 ) -> VerifyReport:
     """Check `layers` (each with its one-sample input shape) and, given a model, end to end.
 
@@ -756,7 +760,8 @@ def verify_layers(
     e2e: list[FormCheck] = []
     if model is not None and end_to_end and example_shape is not None:
         names = [layer.name for layer, _ in layers]
-        e2e = check_model(model, example_shape, layers=names, **kwargs)
+        e2e = check_model(model, example_shape, layers=names, forward_kwargs=forward_kwargs,
+                          **kwargs)  # fmt: skip
     elif model is None and end_to_end and example_shape is not None:
         notes.append("no end-to-end comparison: the source has no model, only conv layers")
     return VerifyReport(
@@ -772,26 +777,21 @@ def verify_layers(
 
 
 def model_layers(
-    model: nn.Module, example_shape: Sequence[int]
+    model: nn.Module,
+    example_shape: Sequence[int],
+    forward_kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[list[tuple[ConvLayer, tuple[int, ...]]], list[str]]:
-    """(layer, one-sample input shape) for every conv the model calls on `example_shape`, and
-    notes on the convs that cannot be checked alone (not called, called on several shapes)."""
-    cap = models.capture(model, tuple(int(s) for s in example_shape))
+    """(layer, one-sample input shape) for every conv call the model makes on `example_shape`
+    (see :mod:`convtool.inventory`), and notes on the calls that cannot be checked alone."""
+    inv = capture(model, tuple(int(s) for s in example_shape), forward_kwargs)
     pairs, notes = [], []
-    for name, module in model.named_modules():
-        if not is_conv(module):
-            continue
-        if name not in cap.input_shapes:
-            notes.append(f"conv {name!r} is not called on the example input: not checked")
-        elif name in cap.conflicts:
-            seen = ", ".join(str(s) for s in cap.conflicts[name])
-            notes.append(f"conv {name!r} is called on several input shapes ({seen}): not checked")
+    for layer in inv.layers:
+        if layer.skipped is not None or layer.input_shape is None:
+            why = layer.skipped or "it is not called on the example input"
+            notes.append(f"conv {layer.name!r} is not checked: {why}")
         else:
-            weight: Any = module.weight
-            spec = ConvSpec.from_module(module)
-            bias = getattr(module, "bias", None)
-            shape = cap.input_shapes[name]
-            pairs.append((ConvLayer(name, spec, weight, bias, shape, module), shape))
+            pairs.append((layer, layer.input_shape))
+    notes += [f"not checked: {f.describe()}" for f in inv.computed]
     return pairs, notes
 
 
@@ -809,6 +809,7 @@ def verify(
     max_memory: int | None = None,
     end_to_end: bool = True,
     advance: Advance | None = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
 ) -> VerifyReport:
     """Prove numerically that convtool's forms compute what the conv (or model) computes.
 
@@ -828,6 +829,7 @@ def verify(
         max_memory: bytes any one form may use (default: the machine's available memory).
         end_to_end: for a model, also compare the whole converted model with the original.
         advance: called with each :class:`FormCheck` as it completes.
+        forward_kwargs: for a model, further keyword arguments of its forward.
 
     Returns:
         A :class:`VerifyReport`; `bool(report)` is `report.passed`.
@@ -843,11 +845,11 @@ def verify(
         model, example, notes = None, None, list[str]()
     elif isinstance(target, nn.Module):
         example = tuple(int(s) for s in input_shape)
-        found, notes = model_layers(target, example)
+        found, notes = model_layers(target, example, forward_kwargs)
         if not found:
             raise ConvtoolError(f"{type(target).__name__} calls no conv layer on input {example}")
         pattern = layers if layers is None or isinstance(layers, str) else ",".join(layers)
-        chosen = set(models.select_layers([layer.name for layer, _ in found], pattern))
+        chosen = set(select([layer.name for layer, _ in found], pattern))
         pairs = [(layer, shape) for layer, shape in found if layer.name in chosen]
         model = target
     else:
@@ -855,7 +857,7 @@ def verify(
     report = verify_layers(
         pairs, model=model, example_shape=example, to=to, dtype=dtype, trials=trials,
         seed=seed, rtol=rtol, atol=atol, max_memory=max_memory, end_to_end=end_to_end,
-        advance=advance,
+        advance=advance, forward_kwargs=forward_kwargs,
     )  # fmt: skip
     report.notes[:0] = notes
     return report
