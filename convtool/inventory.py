@@ -92,6 +92,9 @@ class ConvLayer:
         pre_pad: explicit zero padding `((lo, hi), ...)` per spatial dim applied to the input
             before `spec` (whose own padding is then 0): ONNX's asymmetric pads. The layer's
             input is the unpadded one.
+        post_crop: `((lo, hi), ...)` per spatial dim cropped from `spec`'s output (an ONNX
+            ConvTranspose with asymmetric pads).
+        origin: where the call comes from when it is not a module (the ONNX NodeProto).
     """
 
     name: str
@@ -104,6 +107,13 @@ class ConvLayer:
     skipped: str | None = None
     call: str = "module"
     pre_pad: tuple[tuple[int, int], ...] | None = None
+    post_crop: tuple[tuple[int, int], ...] | None = None
+    origin: Any = None
+
+    @property
+    def exact_spec(self) -> bool:
+        """True when `spec` alone is the layer (no pre-padding or cropping around it)."""
+        return self.pre_pad is None and self.post_crop is None
 
     def add_shape(self, shape: tuple[int, ...]) -> None:
         """Record one more input shape; `input_shape` is kept only while it is unique."""
@@ -180,6 +190,89 @@ class Inventory:
     @property
     def custom(self) -> list[str]:
         return []
+
+
+# ---------------------------------------------------------------------------------- matrices
+def padded_sample(layer: ConvLayer, sample: Sequence[int]) -> tuple[int, ...]:
+    """The input `spec` sees: `sample` `(C_in, *spatial)` after the layer's pre-padding."""
+    shape = tuple(int(s) for s in sample)
+    if layer.pre_pad is None:
+        return shape
+    return (shape[0], *(n + lo + hi for n, (lo, hi) in zip(shape[1:], layer.pre_pad, strict=True)))
+
+
+def layer_output_shape(layer: ConvLayer, sample: Sequence[int]) -> tuple[int, ...]:
+    """`(C_out, *out_spatial)` of the layer on one sample (pre-padding and crops applied)."""
+    out = layer.spec.output_shape(padded_sample(layer, sample))
+    if layer.post_crop is None:
+        return out
+    crop = [n - lo - hi for n, (lo, hi) in zip(out[1:], layer.post_crop, strict=True)]
+    if any(n <= 0 for n in crop):
+        raise ConvtoolError(f"layer {layer.name!r} crops its whole output on input {sample}")
+    return (out[0], *crop)
+
+
+def _interior(shape: tuple[int, ...], pairs: Sequence[tuple[int, int]]) -> Tensor:
+    """Flat C-order indices of the entries of `shape` left after cutting `pairs` per dim."""
+    index = torch.arange(math.prod(shape)).reshape(shape)
+    cut = [slice(None)] + [slice(lo, n - hi) for n, (lo, hi) in zip(shape[1:], pairs, strict=True)]
+    return index[tuple(cut)].reshape(-1)
+
+
+def layer_matrix(
+    layer: ConvLayer, sample: Sequence[int], *, sparse: bool = False, layout: str = "csr"
+) -> Tensor:
+    """`T` of the whole layer for one sample: `layer(x).flatten() == T @ x.flatten() + b`.
+
+    With pre-padding, `T` is the column subset of the unpadded conv's matrix on the padded
+    input (columns of padding multiply zeros); with a crop, the row subset. Exact either way.
+    """
+    from convtool.matrices import matrix
+
+    sample = layer.spec.sample_shape(sample) if layer.pre_pad is None else tuple(sample)
+    padded = padded_sample(layer, sample)
+    if layer.exact_spec:
+        return matrix(layer.spec, layer.weight, padded, sparse=sparse, layout=layout)  # type: ignore[arg-type]
+    t = matrix(layer.spec, layer.weight, padded, sparse=sparse, layout="coo")
+    cols = _interior(padded, layer.pre_pad) if layer.pre_pad is not None else None
+    out = layer.spec.output_shape(padded)
+    rows = _interior(out, layer.post_crop) if layer.post_crop is not None else None
+    if not sparse:
+        if rows is not None:
+            t = t[rows]
+        return t[:, cols] if cols is not None else t
+    t = t.coalesce()
+    r, c = t.indices()
+    values = t.values()
+    n_rows, n_cols = t.shape
+    keep = torch.ones(r.numel(), dtype=torch.bool)
+    row_map = torch.arange(n_rows)
+    col_map = torch.arange(n_cols)
+    if rows is not None:
+        row_map = torch.full((n_rows,), -1, dtype=torch.long)
+        row_map[rows] = torch.arange(rows.numel())
+        keep &= row_map[r] >= 0
+        n_rows = rows.numel()
+    if cols is not None:
+        col_map = torch.full((n_cols,), -1, dtype=torch.long)
+        col_map[cols] = torch.arange(cols.numel())
+        keep &= col_map[c] >= 0
+        n_cols = cols.numel()
+    picked = torch.sparse_coo_tensor(
+        torch.stack([row_map[r[keep]], col_map[c[keep]]]), values[keep], (n_rows, n_cols)
+    ).coalesce()
+    return picked.to_sparse_csr() if layout == "csr" else picked
+
+
+def layer_bias_vector(layer: ConvLayer, sample: Sequence[int], dtype: torch.dtype) -> Tensor:
+    """`b` of :func:`layer_matrix` (zeros when the layer has no bias)."""
+    from convtool.matrices import bias_vector_for
+
+    padded = padded_sample(layer, sample)
+    b = bias_vector_for(layer.spec, layer.bias, padded, dtype)
+    if layer.post_crop is None:
+        return b
+    return b[_interior(layer.spec.output_shape(padded), layer.post_crop)]
 
 
 # ---------------------------------------------------------------------------------- selector

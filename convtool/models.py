@@ -549,6 +549,14 @@ def trace_source(
     cached = getattr(source, "capture", None)
     if source.traced_shape == shape and cached is not None:
         return cached
+    if source.kind == "onnx":
+        from convtool.onnx_graph import onnx_layers
+
+        layers, notes = onnx_layers(source.onnx.model, shape)
+        source.layers, source.notes = layers, notes
+        inv = Inventory(layers=list(layers), example_shape=shape)
+        source.traced_shape, source.capture = shape, inv
+        return inv
     if source.model is None:
         raise ConvtoolError(f"{str(source.path)!r} is a kernel file; it has no model to run")
     if source.kind == "export" and shape == source.example_shape:

@@ -226,8 +226,6 @@ def load_source(path: Path, options: SourceOptions) -> Source:
                 f"{str(path)!r} is an ONNX model, which holds its own graph; drop --model "
                 f"{options.model!r}"
             )
-        from convtool.onnx_graph import onnx_source
-
         return _checked(onnx_source(path), options)
     if options.model_kwargs is not None and options.model is None:
         raise ConvtoolError("--model-kwargs goes with --model MODULE:CALLABLE; give both")
@@ -259,6 +257,21 @@ def load_source(path: Path, options: SourceOptions) -> Source:
 
 
 KERNEL_SUFFIXES = (".npy", ".npz", ".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+
+
+def onnx_source(path: Path, example_shape: Sequence[int] | None = None) -> Source:
+    """An ONNX model: its Conv/ConvTranspose nodes (see :mod:`convtool.onnx_graph`)."""
+    from convtool.io.onnx_reader import read_onnx
+    from convtool.onnx_graph import graph_info, onnx_layers
+
+    model = read_onnx(path)
+    info = graph_info(model)
+    layers, notes = onnx_layers(model, example_shape)
+    source = Source(path, "onnx", layers, notes=notes, onnx=info)
+    if all(isinstance(d, int) and d > 0 for d in info.input_shape) and info.input_shape:
+        source.example_shape = tuple(int(d) for d in info.input_shape)  # type: ignore[arg-type]
+        source.traced_shape = source.example_shape
+    return source
 
 
 def _checked(source: Source, options: SourceOptions) -> Source:
