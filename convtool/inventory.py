@@ -212,6 +212,53 @@ def layer_output_shape(layer: ConvLayer, sample: Sequence[int]) -> tuple[int, ..
     return (out[0], *crop)
 
 
+def layer_info(layer: ConvLayer, sample: Sequence[int], dtype: torch.dtype) -> Any:
+    """:class:`convtool.matrices.MatrixInfo` of the whole layer (pre-padding and crops
+    applied; nnz exact, counted per axis without building anything)."""
+    from dataclasses import replace
+
+    from convtool.matrices import _axis_count, matrix_info
+
+    sample = layer_sample(layer, sample)
+    padded = padded_sample(layer, sample)
+    info = matrix_info(layer.spec, padded, dtype)
+    if layer.exact_spec:
+        return info
+    spec = layer.spec
+    out = layer_output_shape(layer, sample)
+    full_out = spec.output_shape(padded)
+    count = (spec.out_channels if not spec.transposed else spec.in_channels) * (
+        (spec.in_channels if not spec.transposed else spec.out_channels) // spec.groups
+    )
+    for axis in range(spec.ndim):
+        k, st, d = spec.kernel_size[axis], spec.stride[axis], spec.dilation[axis]
+        if spec.transposed:
+            lo, hi = layer.post_crop[axis] if layer.post_crop is not None else (0, 0)
+            p = spec.pad_pairs[axis][0]
+            n = full_out[axis + 1] - lo - hi
+            count *= _axis_count(n, sample[axis + 1], k, st, d, p + lo, "zeros", True)
+        else:
+            lo = layer.pre_pad[axis][0] if layer.pre_pad is not None else 0
+            count *= _axis_count(sample[axis + 1], out[axis + 1], k, st, d, lo, "zeros", True)
+    rows, cols = math.prod(out), math.prod(sample)
+    return replace(info, input_shape=sample, output_shape=out, shape=(rows, cols), nnz=count)
+
+
+def layer_sample(layer: ConvLayer, input_shape: Sequence[int]) -> tuple[int, ...]:
+    """`input_shape` as one sample `(C_in, *spatial)` of `layer` (a leading batch is dropped),
+    checked: the layer can run on it."""
+    if layer.exact_spec:
+        return layer.spec.checked_sample(input_shape)
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) == layer.spec.ndim + 2:
+        shape = shape[1:]
+    layer.spec.sample_shape(
+        padded_sample(layer, shape) if len(shape) == layer.spec.ndim + 1 else shape
+    )
+    layer_output_shape(layer, shape)
+    return shape
+
+
 def _interior(shape: tuple[int, ...], pairs: Sequence[tuple[int, int]]) -> Tensor:
     """Flat C-order indices of the entries of `shape` left after cutting `pairs` per dim."""
     index = torch.arange(math.prod(shape)).reshape(shape)
@@ -358,9 +405,7 @@ RUN_HINT = (
 )
 
 
-def run_model(
-    model: nn.Module, x: Tensor, forward_kwargs: Mapping[str, Any] | None = None
-) -> Any:
+def run_model(model: nn.Module, x: Tensor, forward_kwargs: Mapping[str, Any] | None = None) -> Any:
     """`model(x, **forward_kwargs)` in eval mode without grad; failures become one clear line."""
     was_training = model.training
     _set_training(model, False)
@@ -437,11 +482,28 @@ class _Frame:
 def _arguments(function: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """The conv call's arguments by name (F.conv*d / F.conv_transpose*d / torch.convolution)."""
     if function == "convolution":
-        names = ["input", "weight", "bias", "stride", "padding", "dilation", "transposed",
-                 "output_padding", "groups"]  # fmt: skip
+        names = [
+            "input",
+            "weight",
+            "bias",
+            "stride",
+            "padding",
+            "dilation",
+            "transposed",
+            "output_padding",
+            "groups",
+        ]
     elif function.startswith("conv_transpose"):
-        names = ["input", "weight", "bias", "stride", "padding", "output_padding", "groups",
-                 "dilation"]  # fmt: skip
+        names = [
+            "input",
+            "weight",
+            "bias",
+            "stride",
+            "padding",
+            "output_padding",
+            "groups",
+            "dilation",
+        ]
     else:
         names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
     values = dict(zip(names, args, strict=False))
@@ -555,9 +617,18 @@ class _Interceptor(TorchFunctionMode):
                 spec = _call_spec(function, a, weight)
             except ConvtoolError as exc:
                 error = str(exc)
-        call = ConvCall(name, frame.module, frame.name, function, inp, weight,
-                        bias if isinstance(bias, Tensor) else None, spec, module_call,
-                        error)  # fmt: skip
+        call = ConvCall(
+            name,
+            frame.module,
+            frame.name,
+            function,
+            inp,
+            weight,
+            bias if isinstance(bias, Tensor) else None,
+            spec,
+            module_call,
+            error,
+        )
         return self.handle(call, lambda: func(*args, **kwargs))
 
 
@@ -633,8 +704,13 @@ def _capture_eager(
         if dynamic:
             if call.name not in {c.name for c in inv.computed}:
                 inv.computed.append(
-                    FunctionalConv(call.owner_name, call.function, tuple(call.weight.shape),
-                                   tuple(call.input.shape), call.name)  # fmt: skip
+                    FunctionalConv(
+                        call.owner_name,
+                        call.function,
+                        tuple(call.weight.shape),
+                        tuple(call.input.shape),
+                        call.name,
+                    )
                 )
             return run()
         layer = records.get(call.name)
@@ -644,11 +720,14 @@ def _capture_eager(
             else:
                 spec = call.spec
             layer = ConvLayer(
-                call.name, spec, call.weight.detach(),
+                call.name,
+                spec,
+                call.weight.detach(),
                 call.bias.detach() if call.bias is not None else None,
-                module=call.owner, call="module" if call.module_call else "functional",
+                module=call.owner,
+                call="module" if call.module_call else "functional",
                 skipped=call.error,
-            )  # fmt: skip
+            )
             records[call.name] = layer
             inv.layers.append(layer)
         layer.add_shape(_sample(call.input, layer.spec.ndim))
@@ -705,7 +784,7 @@ def _capture_script(
     }
     for layer in layers.values():
         layer.call = "script"
-    owners = {}
+    owners: dict[tuple[int, tuple[int, ...]], str] = {}
     for tname, t in [*model.named_parameters(), *model.named_buffers()]:
         owners.setdefault((t.data_ptr(), tuple(t.shape)), tname.rpartition(".")[0])
     counters: dict[str, int] = {}
@@ -729,14 +808,24 @@ def _capture_script(
                     why = None
                 except ConvtoolError as exc:
                     spec, why = ConvSpec.from_weight(tuple(weight.shape)), str(exc)
-                layer = ConvLayer(name, spec, weight.detach(),
-                                  bias.detach() if isinstance(bias, Tensor) else None,
-                                  call="script", skipped=why)  # fmt: skip
+                layer = ConvLayer(
+                    name,
+                    spec,
+                    weight.detach(),
+                    bias.detach() if isinstance(bias, Tensor) else None,
+                    call="script",
+                    skipped=why,
+                )
                 extra[(owner, index)] = layer
         if layer is None:
             inv.computed.append(
-                FunctionalConv("", "convolution", tuple(weight.shape), tuple(inp.shape),
-                               f"F.convolution#{len(inv.computed)}")  # fmt: skip
+                FunctionalConv(
+                    "",
+                    "convolution",
+                    tuple(weight.shape),
+                    tuple(inp.shape),
+                    f"F.convolution#{len(inv.computed)}",
+                )
             )
             return
         shape = _sample(inp, layer.spec.ndim)

@@ -53,11 +53,17 @@ def _check(
     cmp = compare(expected, actual, rtol, atol, tolerance_source=source)
     worst = labels[cmp.worst_index[0]] if cmp.worst_index is not None else None
     return FormCheck(
-        name, form, PASSED if cmp.passed else FAILED, comparison=cmp,
-        layer=layer.spec.describe(), input_shape=sample,
-        output_shape=layer_output_shape(layer, sample), worst_input=worst,
-        note="; ".join(n for n in (note, cmp.note) if n), seconds=time.perf_counter() - started,
-    )  # fmt: skip
+        name,
+        form,
+        PASSED if cmp.passed else FAILED,
+        comparison=cmp,
+        layer=layer.spec.describe(),
+        input_shape=sample,
+        output_shape=layer_output_shape(layer, sample),
+        worst_input=worst,
+        note="; ".join(n for n in (note, cmp.note) if n),
+        seconds=time.perf_counter() - started,
+    )
 
 
 class _PadThen(nn.Module):
@@ -106,10 +112,20 @@ def verify_onnx_layers(
             oracle, source_note = reference, "oracle: torch's conv built from the node's attributes"
         else:
             checks.append(
-                _check(layer.name, "onnx-node", node_out, reference.float(), f32.rtol, f32.atol,
-                       f32.source, layer, sample, labels,
-                       "torch's conv from the node's attributes vs onnxruntime (float32)",
-                       started)  # fmt: skip
+                _check(
+                    layer.name,
+                    "onnx-node",
+                    node_out,
+                    reference.float(),
+                    f32.rtol,
+                    f32.atol,
+                    f32.source,
+                    layer,
+                    sample,
+                    labels,
+                    "torch's conv from the node's attributes vs onnxruntime (float32)",
+                    started,
+                )
             )
             oracle = node_out.to(dtype) if dtype == torch.float32 else reference
             source_note = (
@@ -121,36 +137,78 @@ def verify_onnx_layers(
         flat = x.reshape(x.shape[0], -1)
         out_shape = (x.shape[0], *layer_output_shape(layer, sample))
         b = layer_bias_vector(layer, sample, dtype)
-        weighted = ConvLayer(layer.name, layer.spec, layer.weight.to(dtype),
-                             None if layer.bias is None else layer.bias.to(dtype),
-                             pre_pad=layer.pre_pad, post_crop=layer.post_crop)  # fmt: skip
+        weighted = ConvLayer(
+            layer.name,
+            layer.spec,
+            layer.weight.to(dtype),
+            None if layer.bias is None else layer.bias.to(dtype),
+            pre_pad=layer.pre_pad,
+            post_crop=layer.post_crop,
+        )
         for form in ("toeplitz-dense", "toeplitz-sparse", "fc-dense"):
             started = time.perf_counter()
             t = layer_matrix(weighted, sample, sparse=form == "toeplitz-sparse")
             y = (t @ flat.T).T if t.layout != torch.strided else flat @ t.T
             y = (y + b).reshape(out_shape)
-            checks.append(_check(layer.name, form, oracle, y, tol.rtol, tol.atol, tol.source,
-                                 layer, sample, labels, source_note, started))  # fmt: skip
+            checks.append(
+                _check(
+                    layer.name,
+                    form,
+                    oracle,
+                    y,
+                    tol.rtol,
+                    tol.atol,
+                    tol.source,
+                    layer,
+                    sample,
+                    labels,
+                    source_note,
+                    started,
+                )
+            )
         started = time.perf_counter()
         if layer.spec.transposed:
-            checks.append(FormCheck(layer.name, "lc", NOT_APPLICABLE, layer=layer.spec.describe(),
-                                    input_shape=sample,
-                                    note="a transposed conv has no locally-connected form"))  # fmt: skip
+            checks.append(
+                FormCheck(
+                    layer.name,
+                    "lc",
+                    NOT_APPLICABLE,
+                    layer=layer.spec.describe(),
+                    input_shape=sample,
+                    note="a transposed conv has no locally-connected form",
+                )
+            )
             continue
         conv = build_conv(layer.spec, weighted.weight, weighted.bias)
         padded = tuple(int(s) for s in x.shape[1:])
         pads: list[int] = []
         if layer.pre_pad is not None:
             pads = [p for pair in reversed(layer.pre_pad) for p in pair]
-            padded = (padded[0], *(n + lo + hi for n, (lo, hi) in
-                                   zip(padded[1:], layer.pre_pad, strict=True)))  # fmt: skip
+            padded = (
+                padded[0],
+                *(n + lo + hi for n, (lo, hi) in zip(padded[1:], layer.pre_pad, strict=True)),
+            )
         lc: nn.Module = to_locally_connected(conv, padded)
         if pads:
             lc = _PadThen(pads, lc)
         with torch.no_grad():
             y = lc(x)
-        checks.append(_check(layer.name, "lc", oracle, y, tol.rtol, tol.atol, tol.source, layer,
-                             sample, labels, source_note, started))  # fmt: skip
+        checks.append(
+            _check(
+                layer.name,
+                "lc",
+                oracle,
+                y,
+                tol.rtol,
+                tol.atol,
+                tol.source,
+                layer,
+                sample,
+                labels,
+                source_note,
+                started,
+            )
+        )
     if ort_missing:
         notes.append(
             "onnxruntime is not installed (or cannot run a node): the oracle is torch's conv "

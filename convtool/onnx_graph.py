@@ -164,7 +164,11 @@ def _attrs(node: Any) -> dict[str, Any]:
 
 
 def _same_pads(
-    sizes: Sequence[int], kernel: Sequence[int], stride: Sequence[int], dil: Sequence[int], lower: bool
+    sizes: Sequence[int],
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    dil: Sequence[int],
+    lower: bool,
 ) -> list[tuple[int, int]]:
     pairs = []
     for n, k, s, d in zip(sizes, kernel, stride, dil, strict=True):
@@ -191,8 +195,7 @@ def node_spec(
     kernel = tuple(int(k) for k in a.get("kernel_shape", weight.shape[2:]))
     if kernel != tuple(weight.shape[2:]):
         raise ConvtoolError(
-            f"node {node.name!r} has kernel_shape {kernel} but its weight is "
-            f"{tuple(weight.shape)}"
+            f"node {node.name!r} has kernel_shape {kernel} but its weight is {tuple(weight.shape)}"
         )
     stride = tuple(int(s) for s in a.get("strides", [1] * ndim))
     dil = tuple(int(d) for d in a.get("dilations", [1] * ndim))
@@ -317,14 +320,24 @@ def onnx_layers(
                 spec, pre_pad, post_crop = node_spec(node, weight, bias is not None, sample)
             except ConvtoolError as exc:
                 try:
-                    spec, pre_pad, post_crop = node_spec(_no_auto(node), weight, bias is not None,
-                                                         None)  # fmt: skip
+                    spec, pre_pad, post_crop = node_spec(
+                        _no_auto(node), weight, bias is not None, None
+                    )
                 except ConvtoolError:
                     notes.append(str(exc))
                     continue
                 skipped = str(exc)
-            layer = ConvLayer(name, spec, weight, bias, call="onnx", pre_pad=pre_pad,
-                              post_crop=post_crop, origin=node, skipped=skipped)  # fmt: skip
+            layer = ConvLayer(
+                name,
+                spec,
+                weight,
+                bias,
+                call="onnx",
+                pre_pad=pre_pad,
+                post_crop=post_crop,
+                origin=node,
+                skipped=skipped,
+            )
             if sample is not None and skipped is None:
                 layer.add_shape(sample)
             layers.append(layer)

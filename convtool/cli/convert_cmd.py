@@ -12,6 +12,7 @@ import typer
 from convtool.cli import options as opt
 from convtool.cli.app import app
 from convtool.cli.progress import progress
+from convtool.cli.shapes import run_hints
 from convtool.errors import ConvtoolError
 from convtool.io import model_files as mfiles
 from convtool.io.source import Source, check_finite
@@ -102,6 +103,7 @@ def convert_command(
     allow_pickle: opt.AllowPickleOpt = False,
     allow_nonfinite: opt.AllowNonfiniteOpt = False,
     max_memory: opt.MaxMemoryOpt = None,
+    forward_kwargs: opt.ForwardKwargsOpt = None,
 ) -> None:
     """Replace every (or every --layers) conv of a model by its LC or FC form and write it.
 
@@ -116,6 +118,10 @@ def convert_command(
         raise ConvtoolError(f"--to must be lc or fc, got {to!r}")
     if sparse and target != "fc":
         raise ConvtoolError("--sparse applies to --to fc (an LC layer stores only its taps)")
+    if source.suffix.lower() == ".onnx" and output.suffix.lower() != ".onnx":
+        raise ConvtoolError(
+            f"converting an ONNX model writes ONNX: use -o {output.with_suffix('.onnx').name}"
+        )
     fmt = mfiles.model_format(output)
     inputs = [p for p in (source, bias) if p is not None]
     check_target(output, force, inputs)  # before any work: a refusal costs nothing
@@ -128,12 +134,20 @@ def convert_command(
         model_kwargs,
         allow_pickle,
         opt.conv_flags(stride, padding, dilation, groups, padding_mode, transposed, output_padding),
+        forward_kwargs,
     )
+    if src.kind == "torchscript":
+        raise ConvtoolError(
+            f"cannot convert the TorchScript archive {str(source)!r}: its convs run inside the "
+            f"TorchScript interpreter; convert its torch.export program instead (torch.export."
+            f"export(model, (x,)) then torch.export.save to .pt2) or its state_dict with --model "
+            f"MODULE:CALLABLE (inspect, count-params, toeplitz and verify read it as it is)"
+        )
     if not allow_nonfinite:
         for layer in src.layers:
             check_finite(layer)
     module, example = _model_and_input(src, input_shape)
-    with warnings.catch_warnings():  # torch's beta notice for CSR is noise here
+    with warnings.catch_warnings(), run_hints():  # torch's beta notice for CSR is noise here
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         result = _convert(
             src,
@@ -182,6 +196,7 @@ def _convert(
             memory_limit=memory_limit,
             advance=advance,
             inplace=True,  # the loaded model is ours: no second copy of its weights
+            forward_kwargs=src.forward_kwargs,
         )
     for line in report.warnings():
         typer.echo(f"convtool: warning: {line}", err=True)
@@ -190,7 +205,7 @@ def _convert(
     check_disk(output, stored_size(converted)[1], "the converted model", "convert fewer layers")
     result = report.to_dict()
     if fmt == "export":
-        program = export_converted(converted, example)
+        program = export_converted(converted, example, src.forward_kwargs)
         with atomic_outputs([output], force=force, inputs=inputs) as temps:
             mfiles.write_program(temps[0], program)
     else:

@@ -9,9 +9,11 @@ from typing import Annotated
 import typer
 
 from convtool.cli import options as opt
+from convtool.cli import shapes as sh
 from convtool.cli.app import app
 from convtool.cli.shapes import layer_input_shape, resolve_shapes
 from convtool.errors import ConvtoolError
+from convtool.inventory import padded_sample
 from convtool.io.source import Source
 from convtool.params import count_layers
 from convtool.render.params import render_report, report_csv, report_json
@@ -70,6 +72,11 @@ def _resolve_shapes(
             seen = ", ".join(str(s) for s in cap.conflicts[layer.name])
             shapes[layer.name] = None
             missing[layer.name] = f"called on several input shapes ({seen}): no unique LC/FC form"
+        elif layer.input_shape is not None and not layer.exact_spec:
+            # asymmetric ONNX pads: counted as the unpadded conv on the pre-padded input
+            shapes[layer.name] = padded_sample(layer, layer.input_shape)
+        elif layer.input_shape is None and layer.skipped is not None:
+            missing[layer.name] = f"{layer.skipped}: only the conv form is counted"
         elif layer.input_shape is None and traced is not None:
             missing[layer.name] = (
                 f"not called when the model runs on an input of shape {traced}: only the conv "
@@ -80,15 +87,16 @@ def _resolve_shapes(
                 "no --input-shape: only the conv form is counted (give the model's full example "
                 "input, batch included, e.g. --input-shape 1,3,224,224)"
             )
-    if cap is not None and cap.custom:
-        notes.append(
-            f"{', '.join(cap.custom)}: forward is not a plain conv with its own weight; "
-            f"`convtool convert` leaves such layers as they are"
-        )
     if cap is not None and cap.functional:
         notes.append(
-            f"{len(cap.functional)} functional conv call(s) (F.conv*, not nn.Conv modules) are "
+            f"{len(cap.functional)} conv call(s) compute their weight from the input and are "
             f"not counted: {'; '.join(f.describe() for f in cap.functional[:4])}"
+        )
+    padded = [layer.name for layer in src.layers if not layer.exact_spec]
+    if padded:
+        notes.append(
+            f"{', '.join(padded[:6])}: asymmetric pads; LC/FC counted on the zero-pre-padded "
+            f"input (the exact FC matrix drops those columns)"
         )
     return shapes, missing, notes
 
@@ -117,6 +125,8 @@ def count_params_command(
     model: opt.ModelOpt = None,
     model_kwargs: opt.ModelKwargsOpt = None,
     allow_pickle: opt.AllowPickleOpt = False,
+    forward_kwargs: opt.ForwardKwargsOpt = None,
+    layer_input_shape: opt.LayerInputShapeOpt = None,
 ) -> None:
     """Count the parameters, memory and multiply-adds of each conv layer as conv, locally
     connected (LC) and fully connected (FC) layers, analytically (nothing is built).
@@ -138,11 +148,21 @@ def count_params_command(
         model_kwargs,
         allow_pickle,
         opt.conv_flags(stride, padding, dilation, groups, padding_mode, transposed, output_padding),
+        forward_kwargs,
     )
+    if layer_input_shape is not None:
+        if layer is None:
+            raise ConvtoolError("--layer-input-shape goes with --layer NAME (that layer's input)")
+        one = src.select(layer)
+        shape = sh.layer_input_shape(src, one, None, layer_input_shape)
+        shapes: dict[str, tuple[int, ...] | None] = {one.name: padded_sample(one, shape)}
+        missing: dict[str, str] = {}
+        notes: list[str] = []
+    else:
+        shapes, missing, notes = _resolve_shapes(src, input_shape)
     pattern = layers
     if layer is not None:
         pattern = _exact(src.select(layer).name)
-    shapes, missing, notes = _resolve_shapes(src, input_shape)
     example = None
     if src.kind != "kernel":
         example = src.traced_shape or src.example_shape

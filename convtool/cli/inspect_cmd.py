@@ -9,7 +9,8 @@ import typer
 from convtool.cli import options as opt
 from convtool.cli.app import app
 from convtool.cli.shapes import resolve_shapes
-from convtool.io.source import ConvLayer, Source
+from convtool.inventory import ConvLayer, layer_output_shape
+from convtool.io.source import Source
 from convtool.render.common import emit_json
 from convtool.render.inspect import render_inspect
 
@@ -35,9 +36,16 @@ def _layer_dict(layer: ConvLayer) -> dict[str, Any]:
     }
     if spec.transposed:
         out["output_padding"] = list(spec.output_padding)
+    out["call"] = layer.call
+    if layer.pre_pad is not None:  # asymmetric (ONNX) pads: (begin, end) per spatial dim
+        out["padding"] = [list(pair) for pair in layer.pre_pad]
+    if layer.post_crop is not None:
+        out["output_crop"] = [list(pair) for pair in layer.post_crop]
+    if layer.skipped is not None:
+        out["skipped"] = layer.skipped
     if layer.input_shape is not None:
         out["input_shape"] = list(layer.input_shape)
-        out["output_shape"] = list(spec.output_shape(layer.input_shape))
+        out["output_shape"] = list(layer_output_shape(layer, layer.input_shape))
     return out
 
 
@@ -47,19 +55,7 @@ def inspect_result(src: Source, input_shape: str | None, only: str | None) -> di
     layers = [src.select(only)] if only is not None else src.layers
     notes = list(src.notes)
     if cap is not None:
-        fate = (
-            "convert rewrites it through the torch.export graph"
-            if src.kind == "torchscript"
-            else "convert leaves it as it is"
-        )
-        notes += [
-            f"conv call that is not an nn.Conv module: {f.describe()}; {fate}"
-            for f in cap.functional
-        ]
-        notes += [
-            f"conv {n!r} has its own forward; its weight may not be what it applies"
-            for n in cap.custom
-        ]
+        notes += [f"left as it is: {f.describe()}" for f in cap.functional]
         notes += [
             f"conv {n!r} is called on several input shapes: {', '.join(map(str, seen))}"
             for n, seen in cap.conflicts.items()
@@ -100,6 +96,7 @@ def inspect_command(
     model: opt.ModelOpt = None,
     model_kwargs: opt.ModelKwargsOpt = None,
     allow_pickle: opt.AllowPickleOpt = False,
+    forward_kwargs: opt.ForwardKwargsOpt = None,
 ) -> None:
     """List every conv layer: kind, weight shape, stride, padding (mode), dilation, groups, bias;
     with --input-shape also each layer's input and output shapes.
@@ -115,6 +112,7 @@ def inspect_command(
         model_kwargs,
         allow_pickle,
         opt.conv_flags(stride, padding, dilation, groups, padding_mode, transposed, output_padding),
+        forward_kwargs,
     )
     result = inspect_result(src, input_shape, layer)
     for note in result["notes"]:

@@ -10,14 +10,15 @@ import numpy as np
 import typer
 
 from convtool.cli import options as opt
+from convtool.cli import shapes as sh
 from convtool.cli.app import app
 from convtool.cli.progress import progress
-from convtool.cli.shapes import layer_input_shape
 from convtool.errors import ConvtoolError
+from convtool.inventory import layer_bias_vector, layer_info, layer_matrix
 from convtool.io import matrix_files as mf
 from convtool.io.source import check_finite
 from convtool.io.writers import atomic_outputs, check_target
-from convtool.matrices import bias_vector_for, dense_row_blocks, matrix, matrix_info
+from convtool.matrices import dense_row_blocks
 from convtool.render.common import emit_json
 from convtool.render.toeplitz import render_matrix_summary
 from convtool.resources import check_disk, check_memory
@@ -57,6 +58,8 @@ def toeplitz_command(
     allow_pickle: opt.AllowPickleOpt = False,
     allow_nonfinite: opt.AllowNonfiniteOpt = False,
     max_memory: opt.MaxMemoryOpt = None,
+    forward_kwargs: opt.ForwardKwargsOpt = None,
+    layer_input_shape: opt.LayerInputShapeOpt = None,
 ) -> None:
     """Write the exact matrix T of a conv layer: layer(x).flatten() == T @ x.flatten() + b.
 
@@ -72,12 +75,13 @@ def toeplitz_command(
         model_kwargs,
         allow_pickle,
         opt.conv_flags(stride, padding, dilation, groups, padding_mode, transposed, output_padding),
+        forward_kwargs,
     )
-    conv = src.select(layer)
+    conv = sh.pick_layer(src, layer, input_shape, layer_input_shape)
     if not allow_nonfinite:
         check_finite(conv)
-    shape = layer_input_shape(src, conv, input_shape)
-    info = matrix_info(conv.spec, shape, conv.weight.dtype)
+    shape = sh.layer_input_shape(src, conv, input_shape, layer_input_shape)
+    info = layer_info(conv, shape, conv.weight.dtype)
     result: dict[str, Any] = {"source": str(source), "name": conv.name, **info.to_dict()}
     result.update(format=fmt, outputs=[], seconds=0.0)
 
@@ -112,8 +116,8 @@ def _write(
     dtype = conv.weight.dtype
     rows, cols = info.shape
     what = f"a dense {rows} x {cols} {info.dtype} matrix"
-    bias = bias_vector_for(conv.spec, conv.bias, shape, dtype) if conv.bias is not None else None
-    if fmt == "dense" and suffix == ".npy":
+    bias = layer_bias_vector(conv, shape, dtype) if conv.bias is not None else None
+    if fmt == "dense" and suffix == ".npy" and conv.exact_spec:
         check_disk(output, info.dense_bytes, what, "use --sparse with .npz or .mtx")
         row_bytes = cols * info.itemsize
         check_memory(row_bytes, f"one row of {what}", "use --sparse", memory_limit)
@@ -148,7 +152,7 @@ def _write(
             f"a sparse matrix with {info.nnz} nonzeros",
             "use a smaller input shape",
         )
-    t = matrix(conv.spec, conv.weight, shape, sparse=fmt == "sparse", layout="csr")
+    t = layer_matrix(conv, shape, sparse=fmt == "sparse", layout="csr")
     meta = {
         "layer": conv.name,
         "spec": conv.spec.describe(),
@@ -156,7 +160,9 @@ def _write(
         "output_shape": list(info.output_shape),
     }
     with atomic_outputs(targets, force=force, inputs=inputs) as temps:
-        if suffix == ".npz":
+        if suffix == ".npy":  # a padded or cropped layer: built whole, then saved
+            mf.write_npy_blocks(temps[0], info.shape, dtype, [(0, t)])
+        elif suffix == ".npz":
             mf.write_npz(temps[0], t, bias)
         elif suffix == ".mtx":
             mf.write_mtx(temps[0], t, comment=f" {conv.name}: {conv.spec.describe()}")

@@ -36,9 +36,7 @@ def read_onnx(path: Path) -> Any:
     try:
         import onnx
     except ImportError:  # pragma: no cover - onnx is a dependency
-        raise ConvtoolError(
-            "reading .onnx needs the onnx package: pip install onnx"
-        ) from None
+        raise ConvtoolError("reading .onnx needs the onnx package: pip install onnx") from None
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:

@@ -269,7 +269,7 @@ def onnx_source(path: Path, example_shape: Sequence[int] | None = None) -> Sourc
     layers, notes = onnx_layers(model, example_shape)
     source = Source(path, "onnx", layers, notes=notes, onnx=info)
     if all(isinstance(d, int) and d > 0 for d in info.input_shape) and info.input_shape:
-        source.example_shape = tuple(int(d) for d in info.input_shape)  # type: ignore[arg-type]
+        source.example_shape = tuple(int(d) for d in info.input_shape)
         source.traced_shape = source.example_shape
     return source
 
