@@ -126,16 +126,27 @@ def convert_command(
     inputs = [p for p in (source, bias) if p is not None]
     check_target(output, force, inputs)  # before any work: a refusal costs nothing
     memory_limit = opt.max_memory(max_memory)
-    src = opt.open_source(
-        source,
-        None,
-        bias,
-        model,
-        model_kwargs,
-        allow_pickle,
-        opt.conv_flags(stride, padding, dilation, groups, padding_mode, transposed, output_padding),
-        forward_kwargs,
-    )
+    try:
+        src = opt.open_source(
+            source,
+            None,
+            bias,
+            model,
+            model_kwargs,
+            allow_pickle,
+            opt.conv_flags(
+                stride, padding, dilation, groups, padding_mode, transposed, output_padding
+            ),
+            forward_kwargs,
+        )
+    except ConvtoolError as exc:
+        if "several conv kernels" not in str(exc):
+            raise
+        raise ConvtoolError(
+            f"{str(source)!r} holds several conv kernels; give the architecture with --model "
+            f"MODULE:CALLABLE to convert the whole model (for one kernel's matrix: convtool "
+            f"toeplitz {source.name} --layer NAME)"
+        ) from None
     if src.kind == "torchscript":
         raise ConvtoolError(
             f"cannot convert the TorchScript archive {str(source)!r}: its convs run inside the "
