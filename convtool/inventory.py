@@ -789,6 +789,7 @@ def _capture_script(
         owners.setdefault((t.data_ptr(), tuple(t.shape)), tname.rpartition(".")[0])
     counters: dict[str, int] = {}
     extra: dict[tuple[str, int], ConvLayer] = {}
+    order: list[str] = []
 
     def record(args: tuple[Any, ...]) -> None:
         inp, weight = args[0], args[1]
@@ -828,6 +829,8 @@ def _capture_script(
                 )
             )
             return
+        if layer.name not in order:
+            order.append(layer.name)
         shape = _sample(inp, layer.spec.ndim)
         if layer.module is not None and layer.spec.padding_mode != "zeros":
             # nn.Conv pads first, then convolves unpadded: the layer's input is before the pad
@@ -838,7 +841,8 @@ def _capture_script(
     with _AtenConvs(record):
         counters.clear()
         run_model(model, x, forward_kwargs)
-    called = [layer for layer in [*layers.values(), *extra.values()] if layer.input_shapes]
+    every = {layer.name: layer for layer in [*layers.values(), *extra.values()]}
+    called = [every[name] for name in order]
     for layer in [*layers.values(), *extra.values()]:
         if not layer.input_shapes:
             layer.skipped = "the model does not call it on the example input"

@@ -341,6 +341,13 @@ def onnx_layers(
             if sample is not None and skipped is None:
                 layer.add_shape(sample)
             layers.append(layer)
+    unknown = [x.name for x in layers if x.input_shape is None and x.skipped is None]
+    if unknown and example_shape is not None:
+        more = f", ... ({len(unknown)} in all)" if len(unknown) > 3 else ""
+        notes.append(
+            f"ONNX shape inference gives no input shape for {', '.join(unknown[:3])}{more} "
+            f"(shapes computed at run time); give such a layer its own one-sample input"
+        )
     return layers, notes
 
 

@@ -77,6 +77,11 @@ def _resolve_shapes(
             shapes[layer.name] = padded_sample(layer, layer.input_shape)
         elif layer.input_shape is None and layer.skipped is not None:
             missing[layer.name] = f"{layer.skipped}: only the conv form is counted"
+        elif layer.input_shape is None and src.kind == "onnx":
+            missing[layer.name] = (
+                "ONNX shape inference gives no input shape: only the conv form is counted "
+                "(give --layer NAME --layer-input-shape C_in,*spatial)"
+            )
         elif layer.input_shape is None and traced is not None:
             missing[layer.name] = (
                 f"not called when the model runs on an input of shape {traced}: only the conv "

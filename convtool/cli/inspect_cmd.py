@@ -60,7 +60,7 @@ def inspect_result(src: Source, input_shape: str | None, only: str | None) -> di
             f"conv {n!r} is called on several input shapes: {', '.join(map(str, seen))}"
             for n, seen in cap.conflicts.items()
         ]
-    if src.is_model and src.traced_shape is not None:
+    if src.is_model and src.traced_shape is not None and src.kind != "onnx":
         notes += [
             f"conv {layer.name!r} is not called on the example input"
             for layer in layers
