@@ -266,11 +266,17 @@ def onnx_source(path: Path, example_shape: Sequence[int] | None = None) -> Sourc
 
     model = read_onnx(path)
     info = graph_info(model)
-    layers, notes = onnx_layers(model, example_shape)
+    dims = info.input_shape
+    fixed: tuple[int, ...] | None = None
+    if dims and all(isinstance(d, int) and d > 0 for d in dims[1:]):
+        # only the batch may be symbolic: one sample's shapes do not depend on it
+        batch = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else 1
+        fixed = (batch, *(int(d) for d in dims[1:]))
+    layers, notes = onnx_layers(model, example_shape or fixed)
     source = Source(path, "onnx", layers, notes=notes, onnx=info)
-    if all(isinstance(d, int) and d > 0 for d in info.input_shape) and info.input_shape:
-        source.example_shape = tuple(int(d) for d in info.input_shape)
-        source.traced_shape = source.example_shape
+    if fixed is not None:
+        source.example_shape = fixed
+        source.traced_shape = fixed
     return source
 
 
