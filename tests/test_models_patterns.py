@@ -231,6 +231,11 @@ def test_layer_input_shape_needs_no_run(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.stderr
     import scipy.sparse
 
+    r = CliRunner().invoke(
+        app, ["inspect", str(path), "--layer", "conv", "--layer-input-shape", "1,16", "--json"]
+    )
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["layers"][0]["output_shape"] == [4, 16]
     t = torch.from_numpy(scipy.sparse.load_npz(out).toarray())
     x = torch.randn(1, 1, 16, dtype=torch.float64)
     conv = model.conv.double()

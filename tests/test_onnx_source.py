@@ -108,6 +108,12 @@ CASES = {
         (1, 2, 5),
         {"strides": [2], "auto_pad": "SAME_UPPER"},
     ),
+    "transpose_grouped_same_lower": (
+        "ConvTranspose",
+        (4, 1, 2, 3),
+        (1, 4, 3, 3),
+        {"group": 2, "strides": [1, 2], "dilations": [2, 1], "auto_pad": "SAME_LOWER"},
+    ),
     "transpose_asym_pads_outpad": (
         "ConvTranspose",
         (2, 1, 3, 2),

@@ -7,8 +7,10 @@ from typing import Any
 import typer
 
 from convtool.cli import options as opt
+from convtool.cli import shapes as sh
 from convtool.cli.app import app
 from convtool.cli.shapes import resolve_shapes
+from convtool.errors import ConvtoolError
 from convtool.inventory import ConvLayer, layer_output_shape
 from convtool.io.source import Source
 from convtool.render.common import emit_json
@@ -97,6 +99,7 @@ def inspect_command(
     model_kwargs: opt.ModelKwargsOpt = None,
     allow_pickle: opt.AllowPickleOpt = False,
     forward_kwargs: opt.ForwardKwargsOpt = None,
+    layer_input_shape: opt.LayerInputShapeOpt = None,
 ) -> None:
     """List every conv layer: kind, weight shape, stride, padding (mode), dilation, groups, bias;
     with --input-shape also each layer's input and output shapes.
@@ -114,6 +117,14 @@ def inspect_command(
         opt.conv_flags(stride, padding, dilation, groups, padding_mode, transposed, output_padding),
         forward_kwargs,
     )
+    if layer_input_shape is not None:
+        if layer is None or input_shape is not None:
+            raise ConvtoolError(
+                "--layer-input-shape goes with --layer NAME (that layer's own input), instead "
+                "of --input-shape"
+            )
+        one = src.select(layer)
+        one.input_shape = sh.layer_input_shape(src, one, None, layer_input_shape)
     result = inspect_result(src, input_shape, layer)
     for note in result["notes"]:
         typer.echo(f"convtool: note: {note}", err=True)
