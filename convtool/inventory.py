@@ -149,8 +149,8 @@ class FunctionalConv:
         place = f"in {self.where!r}" if self.where else "in the model's forward"
         label = f"{self.name} " if self.name else ""
         return (
-            f"{label}({self.function} {place}, weight {tuple(self.weight_shape)} computed from "
-            f"the input)"
+            f"{label}({self.function} {place}, weight {tuple(self.weight_shape)}; weight or bias "
+            f"computed from the input)"
         )
 
 
@@ -700,7 +700,10 @@ def _capture_eager(
     records: dict[str, ConvLayer] = {}
 
     def handle(call: ConvCall, run: Callable[[], Any]) -> Any:
-        dynamic = id(call.weight) not in stored and _depends_on(call.weight, probe)
+        dynamic = any(
+            t is not None and id(t) not in stored and _depends_on(t, probe)
+            for t in (call.weight, call.bias)
+        )
         if dynamic:
             if call.name not in {c.name for c in inv.computed}:
                 inv.computed.append(

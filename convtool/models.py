@@ -130,8 +130,8 @@ class ConversionReport:
             calls = "; ".join(f.describe() for f in self.functional[:8])
             more = f"; ... ({len(self.functional)} in all)" if len(self.functional) > 8 else ""
             lines.append(
-                f"{len(self.functional)} conv call(s) compute their weight from the input and "
-                f"were left as they are: {calls}{more}"
+                f"{len(self.functional)} conv call(s) compute their weight or bias from the input "
+                f"and were left as they are: {calls}{more}"
             )
         return lines
 
