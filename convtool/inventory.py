@@ -694,14 +694,26 @@ def capture(
 def _capture_eager(
     model: nn.Module, x: Tensor, forward_kwargs: Mapping[str, Any] | None
 ) -> Inventory:
+    try:  # with autograd, a kernel computed from the input is told from a constant one
+        return _capture_eager_run(model, x, forward_kwargs, traced=True)
+    except ConvtoolError:
+        # some forwards refuse inputs that require grad (.numpy(), in-place ops on the input):
+        # run plainly, and leave every kernel the model does not hold as it is
+        return _capture_eager_run(model, x, forward_kwargs, traced=False)
+
+
+def _capture_eager_run(
+    model: nn.Module, x: Tensor, forward_kwargs: Mapping[str, Any] | None, traced: bool
+) -> Inventory:
     inv = Inventory(example_shape=tuple(x.shape))
     stored = _stored(model)
-    probe = x.detach().clone().requires_grad_(x.is_floating_point())
+    source = x.detach().clone().requires_grad_(traced and x.is_floating_point())
+    probe = source * 1 if source.requires_grad else source  # not a leaf: in-place ops work
     records: dict[str, ConvLayer] = {}
 
     def handle(call: ConvCall, run: Callable[[], Any]) -> Any:
         dynamic = any(
-            t is not None and id(t) not in stored and _depends_on(t, probe)
+            t is not None and id(t) not in stored and (not traced or _depends_on(t, probe))
             for t in (call.weight, call.bias)
         )
         if dynamic:
@@ -739,7 +751,7 @@ def _capture_eager(
     was_training = model.training
     _set_training(model, False)
     try:
-        with intercept(model, handle), torch.enable_grad():
+        with intercept(model, handle), torch.set_grad_enabled(traced):
             model(probe, **dict(forward_kwargs or {}))
     except ConvtoolError:
         raise

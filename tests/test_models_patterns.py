@@ -291,3 +291,22 @@ def test_converted_functional_and_subclass_calls_reload(tmp_path: Path, suffix: 
         rebuilt = load_converted(make(), path)  # fresh weights: everything comes from the file
         x = torch.randn(5, *shape[1:])
         torch.testing.assert_close(rebuilt(x), model(x))
+
+
+def test_a_forward_that_refuses_grad_is_still_inventoried() -> None:
+    class Numpyish(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("kernel", torch.randn(3, 1, 3))
+
+        def forward(self, x: Tensor) -> Tensor:
+            scale = float(x.numpy().std() + 1.0)  # fails on a tensor that requires grad
+            x.add_(0.0)  # in-place on the input
+            return F.conv1d(x, self.kernel) / scale
+
+    model = Numpyish().eval()
+    inv = capture(model, (1, 1, 10))
+    assert inv.input_shapes == {"F.conv1d#0": (1, 10)}
+    converted = convert_model(model, (1, 1, 10), to="fc")
+    x = torch.randn(5, 1, 10)
+    torch.testing.assert_close(converted(x.clone()), model(x.clone()))
