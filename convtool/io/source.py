@@ -104,6 +104,11 @@ class Source:
         for layer in self.layers:
             if layer.name == name:
                 return layer
+        if _is_call_name(name) and self.traced_shape is None and self.model is not None:
+            raise ConvtoolError(
+                f"{name!r} names a conv call made by a function; such calls are found by running "
+                f"the model: give its example input shape"
+            )
         raise ConvtoolError(
             f"no conv layer named {name!r} in {str(self.path)!r}; it has {_names(self.layers)}"
         )
