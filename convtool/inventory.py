@@ -40,7 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from convtool.errors import ConvtoolError
 from convtool.resources import check_memory
-from convtool.spec import ConvSpec, is_conv
+from convtool.spec import ConvSpec, as_shape, is_conv
 
 __all__ = [
     "ConvLayer",
@@ -217,7 +217,8 @@ def layer_info(layer: ConvLayer, sample: Sequence[int], dtype: torch.dtype) -> A
     applied; nnz exact, counted per axis without building anything)."""
     from dataclasses import replace
 
-    from convtool.matrices import _axis_count, matrix_info
+    from convtool.matrices import matrix_info
+    from convtool.sizes import axis_distinct
 
     sample = layer_sample(layer, sample)
     padded = padded_sample(layer, sample)
@@ -236,10 +237,10 @@ def layer_info(layer: ConvLayer, sample: Sequence[int], dtype: torch.dtype) -> A
             lo, hi = layer.post_crop[axis] if layer.post_crop is not None else (0, 0)
             p = spec.pad_pairs[axis][0]
             n = full_out[axis + 1] - lo - hi
-            count *= _axis_count(n, sample[axis + 1], k, st, d, p + lo, "zeros", True)
+            count *= axis_distinct(n, sample[axis + 1], k, st, d, p + lo, "zeros")
         else:
             lo = layer.pre_pad[axis][0] if layer.pre_pad is not None else 0
-            count *= _axis_count(sample[axis + 1], out[axis + 1], k, st, d, lo, "zeros", True)
+            count *= axis_distinct(sample[axis + 1], out[axis + 1], k, st, d, lo, "zeros")
     rows, cols = math.prod(out), math.prod(sample)
     return replace(info, input_shape=sample, output_shape=out, shape=(rows, cols), nnz=count)
 
@@ -340,7 +341,10 @@ def select(names: Sequence[str], pattern: str | Sequence[str] | None) -> list[st
         else [str(p).strip() for p in pattern if str(p).strip()]
     )
     if not parts:
-        raise ConvtoolError(f"layers= must name layers or globs like 'features.*', got {pattern!r}")
+        raise ConvtoolError(
+            f"layers= must name layers or globs like 'features.*', got {pattern!r}",
+            params=("layers",),
+        )
     chosen = [n for n in names if any(n == p or fnmatch.fnmatchcase(n, p) for p in parts)]
     unmatched = [p for p in parts if not any(n == p or fnmatch.fnmatchcase(n, p) for n in names)]
     if unmatched:
@@ -349,7 +353,8 @@ def select(names: Sequence[str], pattern: str | Sequence[str] | None) -> list[st
         )
         raise ConvtoolError(
             f"layers= {', '.join(repr(p) for p in unmatched)} matches no conv layer; the model "
-            f"has {listing or 'none'} (globs like 'layer1.*' or 'conv1,conv2' work)"
+            f"has {listing or 'none'} (globs like 'layer1.*' or 'conv1,conv2' work)",
+            params=("layers",),
         )
     return chosen
 
@@ -378,13 +383,7 @@ def example_tensor(model: nn.Module, example_input: Tensor | Sequence[int]) -> T
     """The example input: the tensor given, or zeros of the given shape in the model's dtype."""
     if isinstance(example_input, Tensor):
         return example_input
-    try:
-        shape = tuple(int(s) for s in example_input)
-    except (TypeError, ValueError):
-        raise ConvtoolError(
-            f"the example input must be a tensor or a shape like (1, 3, 224, 224), got "
-            f"{example_input!r}"
-        ) from None
+    shape = as_shape(example_input, "the example input shape")
     if not shape or any(s <= 0 for s in shape):
         raise ConvtoolError(f"the example input shape must be positive ints, got {shape}")
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
@@ -394,7 +393,8 @@ def example_tensor(model: nn.Module, example_input: Tensor | Sequence[int]) -> T
     check_memory(
         2 * nbytes,
         f"running the model on an example input of shape {shape}",
-        "use a smaller example input shape",
+        "use a smaller `example_input`",
+        params=("example_input",),
     )
     return torch.zeros(shape, dtype=dtype)
 
@@ -403,6 +403,9 @@ RUN_HINT = (
     "if its forward needs more arguments, pass them with forward_kwargs=; for one layer's "
     "matrix, give that layer's own one-sample input with layer_input_shape="
 )
+
+
+RUN_PARAMS = ("example_input", "forward_kwargs", "layer_input_shape")
 
 
 def run_model(model: nn.Module, x: Tensor, forward_kwargs: Mapping[str, Any] | None = None) -> Any:
@@ -415,7 +418,7 @@ def run_model(model: nn.Module, x: Tensor, forward_kwargs: Mapping[str, Any] | N
     except ConvtoolError:
         raise
     except Exception as exc:
-        raise ConvtoolError(run_failure(exc, tuple(x.shape))) from None
+        raise ConvtoolError(run_failure(exc, tuple(x.shape)), params=RUN_PARAMS) from None
     finally:
         _set_training(model, was_training)
 
@@ -425,7 +428,7 @@ def run_failure(exc: BaseException, shape: tuple[int, ...]) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return (
         f"running the model on an input of shape {shape} failed: {type(exc).__name__}: "
-        f"{text[:200]} (is the example input the model's full input, batch included? "
+        f"{text[:200]} (is `example_input` the model's full input, batch included? "
         f"{RUN_HINT})"
     )
 
@@ -746,6 +749,7 @@ def _capture_eager_run(
             records[call.name] = layer
             inv.layers.append(layer)
         layer.add_shape(_sample(call.input, layer.spec.ndim))
+        _check_output(call)
         return run()
 
     was_training = model.training
@@ -756,7 +760,7 @@ def _capture_eager_run(
     except ConvtoolError:
         raise
     except Exception as exc:
-        raise ConvtoolError(run_failure(exc, tuple(x.shape))) from None
+        raise ConvtoolError(run_failure(exc, tuple(x.shape)), params=RUN_PARAMS) from None
     finally:
         _set_training(model, was_training)
     for layer in inv.layers:
@@ -769,6 +773,23 @@ def _capture_eager_run(
             static.skipped = "the model does not call it on the example input"
             inv.layers.append(static)
     return inv
+
+
+def _check_output(call: ConvCall) -> None:
+    """Refuse a conv call whose output would not fit in memory, before torch allocates it."""
+    if call.spec is None:
+        return
+    try:
+        out = call.spec.output_shape(tuple(call.input.shape))
+    except ConvtoolError:
+        return  # not a call the spec describes: torch reports what is wrong with it
+    batch = int(call.input.shape[0]) if call.input.dim() == call.spec.ndim + 2 else 1
+    check_memory(
+        batch * math.prod(out) * call.input.element_size(),
+        f"running conv {call.name or call.function!r} on an input of shape "
+        f"{tuple(call.input.shape)} (output {(batch, *out)})",
+        "use a smaller input shape",
+    )
 
 
 class _AtenConvs(TorchDispatchMode):

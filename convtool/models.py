@@ -22,7 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from convtool import sizes
 from convtool.errors import ConvtoolError
+from convtool.forms import ModelTarget, parse
 from convtool.inventory import (
     ConvCall,
     ConvLayer,
@@ -38,7 +40,7 @@ from convtool.inventory import capture as capture
 from convtool.resources import check_memory, human_bytes
 from convtool.spec import CONV_TYPES, ConvSpec, build_conv, is_conv
 
-TARGETS = ("lc", "fc")
+TARGETS = tuple(ModelTarget)
 Capture = Inventory  # the name earlier releases used
 __all__ = [
     "Capture",
@@ -161,11 +163,11 @@ def stored_size(module: nn.Module) -> tuple[int, int]:
         elif t.layout == torch.sparse_coo:
             n = t._nnz()
             entries += n
-            nbytes += n * (t.element_size() + 8 * t.sparse_dim())
+            nbytes += sizes.coo_bytes(n, t.element_size(), t.sparse_dim())
         else:  # CSR/CSC/BSR: values + plain indices + compressed pointers
             values = t.values()
             entries += values.numel()
-            nbytes += values.numel() * (t.element_size() + 8) + 8 * (t.shape[0] + 1)
+            nbytes += sizes.csr_bytes(values.numel(), t.shape[0], t.element_size())
     return entries, nbytes
 
 
@@ -181,13 +183,13 @@ def _estimate_bytes(
     from convtool.matrices import matrix_info
 
     out = spec.output_shape(shape)
-    if to == "lc":
+    if to == ModelTarget.LC:
         taps = (spec.in_channels // spec.groups) * spec.kernel_numel
-        return (math.prod(out) * taps + math.prod(out)) * itemsize
+        return sizes.lc_entries(out[0], out[1:], taps) * itemsize
     info = matrix_info(spec, shape, _dtype_of(itemsize))
     bias = math.prod(out) * itemsize
     if sparse:  # COO indices while building, CSR kept
-        return info.nnz * (itemsize + 16) + info.csr_bytes + bias
+        return sizes.coo_bytes(info.nnz, itemsize) + info.csr_bytes + bias
     return info.dense_bytes + bias
 
 
@@ -264,7 +266,7 @@ def convert_with_report(
     model: nn.Module,
     example_input: Tensor | Sequence[int],
     *,
-    to: str = "lc",
+    to: str = ModelTarget.LC,
     sparse: bool = False,
     layers: str | Sequence[str] | None = None,
     memory_limit: int | None = None,
@@ -282,18 +284,26 @@ def convert_with_report(
         forward_kwargs: further keyword arguments of the model's forward.
     """
     from convtool.convert import to_fully_connected, to_locally_connected
+    from convtool.dtypes import compute_dtype
 
-    if to not in TARGETS:
-        raise ConvtoolError(f"to must be 'lc' or 'fc', got {to!r}")
-    if sparse and to != "fc":
-        raise ConvtoolError("sparse=True applies to the fully-connected form: use to='fc'")
+    if not isinstance(model, nn.Module):
+        raise ConvtoolError(f"model must be an nn.Module, got {type(model).__name__}")
+    for name, module in model.named_modules():
+        kernel = getattr(module, "weight", None)
+        if is_conv(module) and isinstance(kernel, Tensor):
+            compute_dtype(kernel.dtype, f"the weight of conv {name or type(module).__name__!r}")
+    to = parse(to, ModelTarget)
+    if sparse and to != ModelTarget.FC:
+        raise ConvtoolError(
+            "sparse=True applies to the fully-connected form: use to='fc'", params=("sparse", "to")
+        )
     if isinstance(model, torch.jit.ScriptModule):
         raise ConvtoolError(SCRIPT_REFUSAL)
     x = example_tensor(model, example_input)
     converted = model if inplace else copy.deepcopy(model)
     inv = capture(converted, x, forward_kwargs)
     chosen = set(select([layer.name for layer in inv.layers], layers))
-    report = ConversionReport(to, sparse, tuple(x.shape), functional=list(inv.computed))
+    report = ConversionReport(to.value, sparse, tuple(x.shape), functional=list(inv.computed))
     report.params_before = stored_size(converted)[0]
     plan: list[tuple[ConvLayer, tuple[int, ...], int]] = []
     for layer in inv.layers:
@@ -303,24 +313,29 @@ def convert_with_report(
             report.skipped[layer.name] = layer.skipped
         elif layer.input_shape is None:
             report.skipped[layer.name] = "the model does not call it on the example input"
-        elif to == "lc" and layer.spec.transposed:
+        elif to == ModelTarget.LC and layer.spec.transposed:
             raise ConvtoolError(
                 f"layer {layer.name!r} is a {layer.spec.kind}, which has no locally-connected "
-                f"form; use to='fc', or leave it out with layers="
+                f"form; use to='fc', or leave it out with `layers`",
+                params=("to", "layers"),
             )
         else:
+            compute_dtype(layer.weight.dtype, f"the weight of conv call {layer.name!r}")
             shape = layer.input_shape
             itemsize = layer.weight.element_size()
             plan.append((layer, shape, _estimate_bytes(layer.spec, shape, to, sparse, itemsize)))
     if plan:
         biggest = max(plan, key=lambda p: p[2])
         total = sum(p[2] for p in plan) + biggest[2]  # + one transient copy while building
-        form = {"lc": "locally-connected", "fc": "sparse FC" if sparse else "dense FC"}[to]
+        form = {
+            ModelTarget.LC: "locally-connected",
+            ModelTarget.FC: "sparse FC" if sparse else "dense FC",
+        }[to]
         alternative = {
-            "lc": "convert fewer layers with layers=",
-            "fc": "use to='lc', or convert fewer layers with layers="
+            ModelTarget.LC: "convert fewer layers with `layers`",
+            ModelTarget.FC: "use to='lc', or convert fewer layers with `layers`"
             if sparse
-            else "use sparse=True or to='lc', or convert fewer layers with layers=",
+            else "use sparse=True or to='lc', or convert fewer layers with `layers`",
         }[to]
         check_memory(
             total,
@@ -328,13 +343,15 @@ def convert_with_report(
             f"{human_bytes(biggest[2])})",
             alternative,
             memory_limit,
+            params=("layers", "to", "sparse"),
+            limit_param="memory_limit",
         )
     forms: dict[str, nn.Module] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     for layer, shape, _ in plan:
         conv = build_conv(layer.spec, layer.weight, layer.bias)
         new: nn.Module
-        if to == "lc":
+        if to == ModelTarget.LC:
             new = to_locally_connected(conv, shape)
         else:
             new = to_fully_connected(conv, shape, sparse=sparse)
@@ -426,7 +443,7 @@ def spec_from_dict(values: Mapping[str, Any]) -> ConvSpec:
 def convert_model(
     model: nn.Module,
     example_input: Tensor | Sequence[int],
-    to: str = "lc",
+    to: str = ModelTarget.LC,
     sparse: bool = False,
     layers: str | Sequence[str] | None = None,
     forward_kwargs: Mapping[str, Any] | None = None,
@@ -495,7 +512,7 @@ def load_converted(model: nn.Module, path: str | Path) -> nn.Module:
         ones = torch.ones(spec.weight_shape)  # a fixed, non-zero pattern; loaded over below
         conv = build_conv(spec, ones, torch.ones(spec.out_channels) if spec.bias else None)
         new: nn.Module
-        if to == "lc":
+        if to == ModelTarget.LC:
             new = to_locally_connected(conv, shape)
         else:
             new = to_fully_connected(conv, shape, sparse=sparse)
@@ -641,14 +658,16 @@ def _exportable(model: nn.Module, x: Tensor) -> nn.Module:
     for name, module in list(model.named_modules()):
         if id(module) not in holders:
             continue
-        hint = "write .pt or .safetensors instead, or convert with sparse=False"
+        hint = "write .pt or .safetensors instead, or convert without sparse=True"
         tensors = _sparse_tensors(module)
         if (
             id(module) not in seen
             or len(tensors) != 1
             or not isinstance(seen[id(module)][1], Tensor)
         ):
-            raise ConvtoolError(f"cannot export the sparse layer {name!r} to .pt2; {hint}")
+            raise ConvtoolError(
+                f"cannot export the sparse layer {name!r} to .pt2; {hint}", params=("sparse",)
+            )
         sample, output = seen[id(module)]
         with torch.no_grad():
             bias = module(torch.zeros_like(sample)).reshape(-1)
@@ -656,7 +675,9 @@ def _exportable(model: nn.Module, x: Tensor) -> nn.Module:
             probe = torch.randn_like(sample)
             same = torch.allclose(swap(probe), module(probe), rtol=1e-5, atol=1e-6)
         if tensors[0].dim() != 2 or not same:
-            raise ConvtoolError(f"cannot export the sparse layer {name!r} to .pt2; {hint}")
+            raise ConvtoolError(
+                f"cannot export the sparse layer {name!r} to .pt2; {hint}", params=("sparse",)
+            )
         root = _replace(root, module, swap)
     return root
 

@@ -119,7 +119,7 @@ def test_layers_pattern() -> None:
 
 
 def test_memory_is_checked_before_building() -> None:
-    with pytest.raises(ConvtoolError, match=r"dense FC.*use sparse=True or to='lc'"):
+    with pytest.raises(ConvtoolError, match=r"dense FC.*`memory_limit`.*sparse=True or to='lc'"):
         convert_with_report(mt.make_mixed(), mt.MIXED_INPUT, to="fc", memory_limit=1000)
 
 

@@ -3,27 +3,23 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
-import numpy as np
 import typer
 
 from convtool.cli import options as opt
 from convtool.cli import shapes as sh
 from convtool.cli.app import app
 from convtool.cli.progress import progress
-from convtool.errors import ConvtoolError
-from convtool.inventory import layer_bias_vector, layer_info, layer_matrix
+from convtool.describe import ToeplitzResult
+from convtool.inventory import layer_info
 from convtool.io import matrix_files as mf
 from convtool.io.source import check_finite
-from convtool.io.writers import atomic_outputs, check_target
-from convtool.matrices import dense_row_blocks
+from convtool.matrix_output import check_budget, targets, write_matrix
 from convtool.render.common import emit_json
 from convtool.render.toeplitz import render_matrix_summary
-from convtool.resources import check_disk, check_memory
-
-_BLOCK_BYTES = 128 * 1024**2  # dense rows streamed to .npy per block
 
 
 @app.command("toeplitz", no_args_is_help=True)
@@ -82,95 +78,22 @@ def toeplitz_command(
         check_finite(conv)
     shape = sh.layer_input_shape(src, conv, input_shape, layer_input_shape)
     info = layer_info(conv, shape, conv.weight.dtype)
-    result: dict[str, Any] = {"source": str(source), "name": conv.name, **info.to_dict()}
-    result.update(format=fmt, outputs=[], seconds=0.0)
-
+    result = ToeplitzResult(str(source), conv.name, info)
     if output is not None and fmt is not None:
         inputs = [p for p in (source, bias) if p is not None]
-        sibling = mf.bias_sibling(output) if conv.bias is not None else None
-        targets = [output] + ([sibling] if sibling is not None else [])
-        for target in targets:  # before any work: a refusal costs nothing
-            check_target(target, force, inputs)
+        paths = targets(output, conv, force, inputs)  # before any work: a refusal costs nothing
+        check_budget(output, fmt, info, memory_limit)
         started = time.perf_counter()
-        _write(output, fmt, conv, shape, info, targets, force, inputs, memory_limit, json_out)
-        result.update(outputs=[str(t) for t in targets], seconds=time.perf_counter() - started)
+        streamed = fmt == "dense" and output.suffix.lower() == ".npy"  # the only long write
+        with progress(info.shape[0], "writing rows", streamed and not json_out) as advance:
+            write_matrix(conv, shape, info, paths, fmt, force=force, inputs=inputs, advance=advance)
+        result = replace(
+            result,
+            format=fmt,
+            outputs=tuple(str(t) for t in paths),
+            seconds=time.perf_counter() - started,
+        )
     if json_out:
-        emit_json(result)
+        emit_json(result.to_dict())
     else:
         render_matrix_summary(result)
-
-
-def _write(
-    output: Path,
-    fmt: str,
-    conv: Any,
-    shape: tuple[int, ...],
-    info: Any,
-    targets: list[Path],
-    force: bool,
-    inputs: list[Path],
-    memory_limit: int | None,
-    quiet: bool,
-) -> None:
-    suffix = output.suffix.lower()
-    dtype = conv.weight.dtype
-    rows, cols = info.shape
-    what = f"a dense {rows} x {cols} {info.dtype} matrix"
-    bias = layer_bias_vector(conv, shape, dtype) if conv.bias is not None else None
-    if fmt == "dense" and suffix == ".npy" and conv.exact_spec:
-        check_disk(output, info.dense_bytes, what, "use --sparse with .npz or .mtx")
-        row_bytes = cols * info.itemsize
-        check_memory(row_bytes, f"one row of {what}", "use --sparse", memory_limit)
-        block_rows = max(1, min(rows, _BLOCK_BYTES // max(1, row_bytes)))
-        blocks = dense_row_blocks(conv.spec, conv.weight, shape, block_rows)
-        with atomic_outputs(targets, force=force, inputs=inputs) as temps:
-            with progress(rows, "writing rows", not quiet) as advance:
-                mf.write_npy_blocks(temps[0], info.shape, dtype, blocks, advance)
-            if bias is not None:
-                np.save(temps[1], bias.numpy())
-        return
-    if fmt == "dense":
-        check_memory(
-            info.dense_bytes,
-            what,
-            f"write {output.stem}.npy (streamed) or use --sparse",
-            memory_limit,
-        )
-        check_disk(output, info.dense_bytes, what, "use --sparse")
-    else:
-        # indices + values while building, plus one copy while converting/saving
-        need = 2 * info.nnz * (16 + info.itemsize) + 8 * (rows + 1)
-        check_memory(
-            need,
-            f"a sparse matrix with {info.nnz} nonzeros",
-            "use a smaller input shape",
-            memory_limit,
-        )
-        check_disk(
-            output,
-            info.csr_bytes,
-            f"a sparse matrix with {info.nnz} nonzeros",
-            "use a smaller input shape",
-        )
-    t = layer_matrix(conv, shape, sparse=fmt == "sparse", layout="csr")
-    meta = {
-        "layer": conv.name,
-        "spec": conv.spec.describe(),
-        "input_shape": list(shape),
-        "output_shape": list(info.output_shape),
-    }
-    with atomic_outputs(targets, force=force, inputs=inputs) as temps:
-        if suffix == ".npy":  # a padded or cropped layer: built whole, then saved
-            mf.write_npy_blocks(temps[0], info.shape, dtype, [(0, t)])
-        elif suffix == ".npz":
-            mf.write_npz(temps[0], t, bias)
-        elif suffix == ".mtx":
-            mf.write_mtx(temps[0], t, comment=f" {conv.name}: {conv.spec.describe()}")
-        elif suffix == ".pt":
-            mf.write_pt(temps[0], t, bias, meta)
-        elif suffix == ".safetensors":
-            mf.write_safetensors(temps[0], t, bias, meta)
-        else:  # pragma: no cover - matrix_format already refused it
-            raise ConvtoolError(f"unsupported output {str(output)!r}")
-        if bias is not None and len(temps) > 1:
-            np.save(temps[1], bias.numpy())
