@@ -400,8 +400,8 @@ def example_tensor(model: nn.Module, example_input: Tensor | Sequence[int]) -> T
 
 
 RUN_HINT = (
-    "if its forward needs more arguments, pass them with forward_kwargs=; for one layer's "
-    "matrix, give that layer's own one-sample input with layer_input_shape="
+    "if its forward needs more arguments, pass them with `forward_kwargs`; for one layer's "
+    "matrix, give that layer's own one-sample input with `layer_input_shape`"
 )
 
 

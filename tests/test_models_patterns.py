@@ -195,7 +195,7 @@ def test_forward_kwargs_eager_and_torchscript(tmp_path: Path) -> None:
             return self.conv(x) * float(sr)
 
     scripted = torch.jit.script(_seeded(NeedsRate(), 6))
-    with pytest.raises(ConvtoolError, match=r"forward_kwargs=.*layer_input_shape="):
+    with pytest.raises(ConvtoolError, match=r"`forward_kwargs`.*`layer_input_shape`"):
         capture(scripted, (1, 1, 10))
     inv = capture(scripted, (1, 1, 10), {"sr": 16000})
     assert inv.input_shapes == {"conv": (1, 10)}
