@@ -18,9 +18,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from convtool.errors import ConvtoolError
-from convtool.io.source import ConvLayer, Source
+from convtool.inventory import (
+    ConvLayer,
+    Inventory,
+    layer_output_shape,
+    layer_sample,
+    padded_sample,
+)
+from convtool.io.source import Source
 from convtool.matrices import MatrixInfo
-from convtool.models import Capture, ConversionReport, trace_source
+from convtool.models import ConversionReport, trace_source
 
 __all__ = [
     "ConvertResult",
@@ -31,6 +38,7 @@ __all__ = [
     "count_shapes",
     "inspect_source",
     "layer_input_shape",
+    "pick_layer",
     "resolve_shapes",
 ]
 
@@ -40,10 +48,11 @@ def _example(layer: ConvLayer) -> str:
     return ",".join([str(layer.spec.in_channels)] + ["32"] * layer.spec.ndim)
 
 
-def resolve_shapes(src: Source, input_shape: Sequence[int] | None) -> Capture | None:
-    """Fill `layer.input_shape` for every layer of `src`; the model's capture, if it ran.
+def resolve_shapes(src: Source, input_shape: Sequence[int] | None) -> Inventory | None:
+    """Fill `layer.input_shape` for every layer of `src`; the model's inventory, if it ran.
 
-    Without `input_shape` only what the source already knows is filled (export programs).
+    Without `input_shape` only what the source already knows is filled (export programs, ONNX
+    shape inference).
     """
     if src.kind == "kernel":
         if input_shape is not None:
@@ -55,10 +64,33 @@ def resolve_shapes(src: Source, input_shape: Sequence[int] | None) -> Capture | 
     return trace_source(src, tuple(input_shape))
 
 
+def pick_layer(
+    src: Source,
+    name: str | None,
+    input_shape: Sequence[int] | None,
+    layer_input_shape: Sequence[int] | None = None,
+) -> ConvLayer:
+    """The layer a single-layer command works on (`layer=`), after tracing when the model must
+    run. With `layer_input_shape` nothing runs: the layer comes from what the source lists
+    without running (its conv modules, a graph's conv nodes)."""
+    if layer_input_shape is None and src.is_model and input_shape is not None:
+        resolve_shapes(src, input_shape)
+    return src.select(name)
+
+
 def layer_input_shape(
-    src: Source, layer: ConvLayer, input_shape: Sequence[int] | None
+    src: Source,
+    layer: ConvLayer,
+    input_shape: Sequence[int] | None,
+    layer_input: Sequence[int] | None = None,
 ) -> tuple[int, ...]:
-    """One sample `(C_in, *spatial)` for `layer`, or a ConvtoolError saying what to pass."""
+    """One sample `(C_in, *spatial)` for `layer`, or a ConvtoolError saying what to pass.
+
+    `layer_input` (`layer_input_shape=`) is the layer's own one-sample input: the model is not
+    run.
+    """
+    if layer_input is not None:
+        return layer_sample(layer, tuple(layer_input))
     if src.kind == "kernel":
         if input_shape is None:
             dims = ",".join(("D", "H", "W")[3 - layer.spec.ndim :])
@@ -69,6 +101,7 @@ def layer_input_shape(
             )
         return layer.spec.checked_sample(tuple(input_shape))
     cap = resolve_shapes(src, input_shape)
+    layer = next((x for x in src.layers if x.name == layer.name), layer)  # the traced record
     if cap is not None and layer.name in cap.conflicts:
         seen = ", ".join(str(s) for s in cap.conflicts[layer.name])
         raise ConvtoolError(
@@ -83,10 +116,15 @@ def layer_input_shape(
             f"layer {layer.name!r} is not called when the model runs on an input of shape "
             f"{shape}, so its input shape is unknown"
         )
+    if layer.skipped is not None:
+        raise ConvtoolError(
+            f"layer {layer.name!r}: {layer.skipped} (`input_shape`)", params=("input_shape",)
+        )
     raise ConvtoolError(
         f"the input shape of layer {layer.name!r} is unknown; pass `input_shape`: the model's "
-        f"full example input, batch included, e.g. 1,{_example(layer)}",
-        params="input_shape",
+        f"full example input, batch included, e.g. 1,{_example(layer)}, or the layer's own "
+        f"one-sample input with layer_input_shape={_example(layer)}",
+        params=("input_shape", "layer_input_shape"),
     )
 
 
@@ -107,23 +145,39 @@ class ShapePlan:
     warnings: list[str] = field(default_factory=list)
 
 
-def count_shapes(src: Source, input_shape: Sequence[int] | None) -> ShapePlan:
+def count_shapes(
+    src: Source,
+    input_shape: Sequence[int] | None,
+    layer: str | None = None,
+    layer_input_shape: Sequence[int] | None = None,
+) -> ShapePlan:
     """Per-layer input shapes for counting, and why the missing ones are missing.
 
     A model is traced once (the run is cached on the source). A TorchScript archive that cannot
-    be run is still listed, conv form only, with a warning.
+    be run is still listed, conv form only, with a warning. With `layer_input_shape` (and
+    `layer`) only that layer is counted, on that one-sample input, and nothing runs.
     """
     plan = ShapePlan()
+    if layer_input_shape is not None:
+        if layer is None:
+            raise ConvtoolError(
+                "`layer_input_shape` goes with layer='NAME' (that layer's input)",
+                params=("layer_input_shape", "layer"),
+            )
+        one = src.select(layer)
+        shape = layer_input_shape_of(src, one, None, layer_input_shape)
+        plan.shapes[one.name] = padded_sample(one, shape)
+        return plan
     if src.kind == "kernel":
-        for layer in src.layers:
+        for conv in src.layers:
             if input_shape is None:
-                example = ",".join([str(layer.spec.in_channels)] + ["32"] * layer.spec.ndim)
-                plan.missing[layer.name] = (
+                example = ",".join([str(conv.spec.in_channels)] + ["32"] * conv.spec.ndim)
+                plan.missing[conv.name] = (
                     f"no `input_shape`: only the conv form is counted (give one sample, e.g. "
                     f"input_shape={example})"
                 )
             else:
-                plan.shapes[layer.name] = layer_input_shape(src, layer, input_shape)
+                plan.shapes[conv.name] = layer_input_shape_of(src, conv, input_shape)
         return plan
     try:
         cap = resolve_shapes(src, input_shape)
@@ -131,39 +185,53 @@ def count_shapes(src: Source, input_shape: Sequence[int] | None) -> ShapePlan:
         if "script" not in src.kind.lower():  # only TorchScript is worth listing unrun
             raise
         plan.warnings.append(f"{exc}; listing conv counts only")
-        for layer in src.layers:
-            plan.shapes[layer.name] = None
-            plan.missing[layer.name] = f"the model could not be run: {exc}"
+        for conv in src.layers:
+            plan.shapes[conv.name] = None
+            plan.missing[conv.name] = f"the model could not be run: {exc}"
         return plan
     traced = src.traced_shape
-    for layer in src.layers:
-        if cap is not None and layer.name in cap.conflicts:
-            seen = ", ".join(str(s) for s in cap.conflicts[layer.name])
-            plan.shapes[layer.name] = None
-            plan.missing[layer.name] = (
+    for conv in src.layers:
+        if cap is not None and conv.name in cap.conflicts:
+            seen = ", ".join(str(s) for s in cap.conflicts[conv.name])
+            plan.shapes[conv.name] = None
+            plan.missing[conv.name] = (
                 f"called on several input shapes ({seen}): no unique LC/FC form"
             )
-        elif layer.input_shape is None and traced is not None:
-            plan.missing[layer.name] = (
+        elif conv.input_shape is not None and not conv.exact_spec:
+            # asymmetric ONNX pads: counted as the unpadded conv on the pre-padded input
+            plan.shapes[conv.name] = padded_sample(conv, conv.input_shape)
+        elif conv.input_shape is None and conv.skipped is not None:
+            plan.missing[conv.name] = f"{conv.skipped}: only the conv form is counted"
+        elif conv.input_shape is None and src.kind == "onnx":
+            plan.missing[conv.name] = (
+                "ONNX shape inference gives no input shape: only the conv form is counted "
+                "(give layer='NAME' with layer_input_shape=C_in,*spatial)"
+            )
+        elif conv.input_shape is None and traced is not None:
+            plan.missing[conv.name] = (
                 f"not called when the model runs on an input of shape {traced}: only the conv "
                 f"form is counted"
             )
-        elif layer.input_shape is None:
-            plan.missing[layer.name] = (
+        elif conv.input_shape is None:
+            plan.missing[conv.name] = (
                 "no `input_shape`: only the conv form is counted (give the model's full "
                 "example input, batch included, e.g. input_shape=1,3,224,224)"
             )
-    if cap is not None and cap.custom:
-        plan.notes.append(
-            f"{', '.join(cap.custom)}: forward is not a plain conv with its own weight; "
-            f"converting the model leaves such layers as they are"
-        )
     if cap is not None and cap.functional:
         plan.notes.append(
-            f"{len(cap.functional)} functional conv call(s) (F.conv*, not nn.Conv modules) are "
+            f"{len(cap.functional)} conv call(s) compute their weight from the input and are "
             f"not counted: {'; '.join(f.describe() for f in cap.functional[:4])}"
         )
+    padded = [conv.name for conv in src.layers if not conv.exact_spec]
+    if padded:
+        plan.notes.append(
+            f"{', '.join(padded[:6])}: asymmetric pads; LC/FC counted on the zero-pre-padded "
+            f"input (the exact FC matrix drops those columns)"
+        )
     return plan
+
+
+layer_input_shape_of = layer_input_shape  # count_shapes' own parameter shadows the name
 
 
 # ---------------------------------------------------------------------------------- inspect
@@ -187,6 +255,10 @@ class LayerInfo:
     input_shape: tuple[int, ...] | None
     output_shape: tuple[int, ...] | None
     output_padding: tuple[int, ...] | None = None  # transposed convs only
+    call: str = "module"  # 'module', 'functional', 'script' or 'onnx' (see ConvLayer.call)
+    pads: tuple[tuple[int, int], ...] | None = None  # asymmetric (ONNX) pads: (begin, end)
+    output_crop: tuple[tuple[int, int], ...] | None = None
+    skipped: str | None = None
 
     @classmethod
     def of(cls, layer: ConvLayer) -> LayerInfo:
@@ -207,8 +279,12 @@ class LayerInfo:
             bias=layer.bias is not None,
             params=_params(layer),
             input_shape=shape,
-            output_shape=spec.output_shape(shape) if shape is not None else None,
+            output_shape=layer_output_shape(layer, shape) if shape is not None else None,
             output_padding=tuple(spec.output_padding) if spec.transposed else None,
+            call=layer.call,
+            pads=_pairs(layer.pre_pad),
+            output_crop=_pairs(layer.post_crop),
+            skipped=layer.skipped,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -231,7 +307,18 @@ class LayerInfo:
         }
         if self.output_padding is not None:
             out["output_padding"] = list(self.output_padding)
+        out["call"] = self.call
+        if self.pads is not None:
+            out["padding"] = [list(pair) for pair in self.pads]
+        if self.output_crop is not None:
+            out["output_crop"] = [list(pair) for pair in self.output_crop]
+        if self.skipped is not None:
+            out["skipped"] = self.skipped
         return out
+
+
+def _pairs(pairs: Sequence[Sequence[int]] | None) -> tuple[tuple[int, int], ...] | None:
+    return None if pairs is None else tuple((int(a), int(b)) for a, b in pairs)
 
 
 def _params(layer: ConvLayer) -> int:
@@ -275,24 +362,12 @@ def inspect_source(
     layers = [src.select(layer)] if layer is not None else src.layers
     notes = list(src.notes)
     if cap is not None:
-        fate = (
-            "convert rewrites it through the torch.export graph"
-            if src.kind == "torchscript"
-            else "convert leaves it as it is"
-        )
-        notes += [
-            f"conv call that is not an nn.Conv module: {f.describe()}; {fate}"
-            for f in cap.functional
-        ]
-        notes += [
-            f"conv {n!r} has its own forward; its weight may not be what it applies"
-            for n in cap.custom
-        ]
+        notes += [f"left as it is: {f.describe()}" for f in cap.functional]
         notes += [
             f"conv {n!r} is called on several input shapes: {', '.join(map(str, seen))}"
             for n, seen in cap.conflicts.items()
         ]
-    if src.is_model and src.traced_shape is not None:
+    if src.is_model and src.traced_shape is not None and src.kind != "onnx":
         notes += [
             f"conv {c.name!r} is not called on the example input"
             for c in layers

@@ -139,6 +139,10 @@ _CHUNK_BYTES = 1 << 19
 def _row_chunks(out_sp: tuple[int, ...], per_position: int) -> list[tuple[int, int]]:
     """Ranges of rows (first output axis) whose windows take about `_CHUNK_BYTES`."""
     rows = out_sp[0]
+    if type(per_position) is not int or torch.compiler.is_compiling():
+        # a symbolic size (torch.export with a dynamic batch): one chunk, so the exported
+        # program holds no guard on the batch size
+        return [(0, rows)]
     step = max(1, _CHUNK_BYTES // max(1, per_position * math.prod(out_sp[1:])))
     return [(lo, min(rows, lo + step)) for lo in range(0, rows, step)]
 

@@ -15,10 +15,10 @@ import torch
 
 from convtool import sizes
 from convtool.errors import ConvtoolError
+from convtool.inventory import ConvLayer, layer_bias_vector, layer_matrix
 from convtool.io import matrix_files as mf
-from convtool.io.source import ConvLayer
 from convtool.io.writers import atomic_outputs, check_target
-from convtool.matrices import MatrixInfo, bias_vector_for, dense_row_blocks, matrix
+from convtool.matrices import MatrixInfo, dense_row_blocks
 from convtool.resources import check_disk, check_memory
 
 BLOCK_BYTES = 128 * 1024**2  # dense rows streamed to .npy per block
@@ -80,10 +80,8 @@ def write_matrix(
     output = paths[0]
     suffix = output.suffix.lower()
     dtype = conv.weight.dtype
-    bias = (
-        bias_vector_for(conv.spec, conv.bias, input_shape, dtype) if conv.bias is not None else None
-    )
-    if fmt == "dense" and suffix == ".npy":
+    bias = layer_bias_vector(conv, input_shape, dtype) if conv.bias is not None else None
+    if fmt == "dense" and suffix == ".npy" and conv.exact_spec:
         rows, cols = info.shape
         block_rows = max(1, min(rows, BLOCK_BYTES // max(1, cols * info.itemsize)))
         blocks = dense_row_blocks(conv.spec, conv.weight, input_shape, block_rows)
@@ -91,7 +89,8 @@ def write_matrix(
             mf.write_npy_blocks(temps[0], info.shape, dtype, blocks, advance or (lambda n: None))
             _save_bias(temps, bias)
         return
-    t = matrix(conv.spec, conv.weight, input_shape, sparse=fmt == "sparse", layout="csr")
+    # asymmetric (ONNX) pads or crops: T is a row/column subset of the unpadded conv's matrix
+    t = layer_matrix(conv, input_shape, sparse=fmt == "sparse", layout="csr")
     meta = {
         "layer": conv.name,
         "spec": conv.spec.describe(),
@@ -99,7 +98,9 @@ def write_matrix(
         "output_shape": list(info.output_shape),
     }
     with atomic_outputs(paths, force=force, inputs=inputs) as temps:
-        if suffix == ".npz":
+        if suffix == ".npy":  # a padded or cropped layer: built whole, then saved
+            mf.write_npy_blocks(temps[0], info.shape, dtype, [(0, t)], advance or (lambda n: None))
+        elif suffix == ".npz":
             mf.write_npz(temps[0], t, bias)
         elif suffix == ".mtx":
             mf.write_mtx(temps[0], t, comment=f" {conv.name}: {conv.spec.describe()}")

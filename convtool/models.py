@@ -1,307 +1,71 @@
-"""Whole models: record what every conv sees, and replace convs by their LC or FC forms.
+"""Whole models: replace the computation of conv calls by their LC or FC forms, and reload.
 
-Shapes come from running the model once on an example input, so pads applied outside the convs,
-pooling and reshapes between layers are whatever the model really does:
-
-- eager models: forward hooks on every module, plus a `TorchFunctionMode` that sees every conv
-  *function* call. A call made while an `nn.Conv*` module's forward runs belongs to that module;
-  any other (`F.conv2d(x, self.w)` in some forward) is *functional*: it cannot be replaced by a
-  module swap, so it is reported (a warning), never silently left.
-- TorchScript modules take no hooks; a `TorchDispatchMode` sees each `aten.convolution` the
-  interpreter runs and the weight tensor tells which scripted conv it is.
+What a model's conv calls are (names, specs, input shapes) is :mod:`convtool.inventory`'s job.
+Converting keeps the model and swaps each chosen call's *computation*: the converted model is a
+:class:`ConvertedModel` that runs the original forward with every conv call intercepted, so
+whatever a forward does around the conv (a subclass reshaping around `super().forward`, a
+functional `F.conv1d(x, self.filters)`, pads, scaling) stays, and any batch size works.
 
 Converting never touches the model passed in: :func:`convert_model` works on a deep copy.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import fnmatch
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from convtool import sizes
 from convtool.errors import ConvtoolError
 from convtool.forms import ModelTarget, parse
+from convtool.inventory import (
+    ConvCall,
+    ConvLayer,
+    FunctionalConv,
+    Inventory,
+    _set_training,
+    example_tensor,
+    intercept,
+    run_model,
+    select,
+)
+from convtool.inventory import capture as capture
 from convtool.resources import check_memory, human_bytes
-from convtool.spec import ConvSpec, as_shape, is_conv
+from convtool.spec import CONV_TYPES, ConvSpec, build_conv, is_conv
 
-_CONV_FUNCTIONS = {
-    F.conv1d: "conv1d",
-    F.conv2d: "conv2d",
-    F.conv3d: "conv3d",
-    F.conv_transpose1d: "conv_transpose1d",
-    F.conv_transpose2d: "conv_transpose2d",
-    F.conv_transpose3d: "conv_transpose3d",
-    torch.convolution: "convolution",
-    torch._convolution: "_convolution",
-}
 TARGETS = tuple(ModelTarget)
+Capture = Inventory  # the name earlier releases used
+__all__ = [
+    "Capture",
+    "ConversionReport",
+    "ConvertedModel",
+    "FunctionalConv",
+    "FunctionalConvWarning",
+    "LayerChange",
+    "capture",
+    "convert_model",
+    "convert_with_report",
+    "example_tensor",
+    "export_converted",
+    "load_converted",
+    "select_layers",
+    "stored_size",
+]
 
 
 class FunctionalConvWarning(UserWarning):
-    """A conv computed by a function call, not an `nn.Conv*` module: it was not converted."""
+    """A conv call was left as it is (its weight is computed from the input, or it was skipped)."""
 
 
-@dataclass(frozen=True)
-class FunctionalConv:
-    """A conv function call that is not an `nn.Conv*` module's own.
-
-    Attributes:
-        where: module path whose forward made the call ('' for the model's own forward).
-        function: 'conv2d', 'conv_transpose1d', ...
-        weight_shape: shape of the weight it was called with.
-        input_shape: full input shape `(N, C_in, *spatial)` it was called with.
-    """
-
-    where: str
-    function: str
-    weight_shape: tuple[int, ...]
-    input_shape: tuple[int, ...]
-
-    def describe(self) -> str:
-        place = f"in {self.where!r}" if self.where else "in the model's forward"
-        return f"{self.function} {place} (weight {tuple(self.weight_shape)})"
-
-
-@dataclass
-class Capture:
-    """What one run of a model showed about its convs.
-
-    Attributes:
-        input_shapes: conv module name -> one-sample input shape `(C_in, *spatial)`.
-        conflicts: conv module name -> every shape it saw, for convs called with several.
-        functional: conv calls that do not belong to a conv module.
-        custom: conv modules whose forward does not compute one conv with their own weight
-            (a subclass with its own forward); their matrices are not those of their weights.
-    """
-
-    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    conflicts: dict[str, list[tuple[int, ...]]] = field(default_factory=dict)
-    functional: list[FunctionalConv] = field(default_factory=list)
-    custom: list[str] = field(default_factory=list)
-
-
-# ---------------------------------------------------------------------------------- capture
-def example_tensor(model: nn.Module, example_input: Tensor | Sequence[int]) -> Tensor:
-    """The example input: the tensor given, or zeros of the given shape in the model's dtype."""
-    if isinstance(example_input, Tensor):
-        return example_input
-    shape = as_shape(example_input, "the example input shape")
-    if not shape or any(s <= 0 for s in shape):
-        raise ConvtoolError(f"the example input shape must be positive ints, got {shape}")
-    param = next((p for p in model.parameters() if p.is_floating_point()), None)
-    dtype = param.dtype if param is not None else torch.float32
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    # the input, and about as much again for the activations alive while it runs
-    check_memory(
-        2 * nbytes,
-        f"running the model on an example input of shape {shape}",
-        "use a smaller `example_input`",
-        params=("example_input",),
-    )
-    return torch.zeros(shape, dtype=dtype)
-
-
-def _run(model: nn.Module, x: Tensor) -> Any:
-    was_training = model.training
-    _set_training(model, False)
-    try:
-        with torch.no_grad():
-            return model(x)
-    except ConvtoolError:
-        raise
-    except Exception as exc:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ConvtoolError(
-            f"running the model on an input of shape {tuple(x.shape)} failed: "
-            f"{type(exc).__name__}: {text[:200]} (is `example_input` the model's full input, "
-            f"batch included?)",
-            params=("example_input",),
-        ) from None
-    finally:
-        _set_training(model, was_training)
-
-
-def _set_training(model: nn.Module, mode: bool) -> None:
-    with contextlib.suppress(NotImplementedError):  # some exported GraphModules refuse it
-        model.train(mode)
-
-
-def _sample(t: Tensor, ndim: int) -> tuple[int, ...]:
-    shape = tuple(int(s) for s in t.shape)
-    return shape[1:] if len(shape) == ndim + 2 else shape
-
-
-def _add_shape(cap: Capture, name: str, shape: tuple[int, ...]) -> None:
-    previous = cap.input_shapes.setdefault(name, shape)
-    if previous != shape:
-        seen = cap.conflicts.setdefault(name, [previous])
-        if shape not in seen:
-            seen.append(shape)
-
-
-def capture(model: nn.Module, example_input: Tensor | Sequence[int]) -> Capture:
-    """Run `model` once (eval mode, no grad) and record what every conv in it sees.
-
-    Args:
-        model: an eager module, an exported program's GraphModule, or a TorchScript module.
-        example_input: the full input `(N, C, *spatial)`, or its shape (zeros are used).
-    """
-    x = example_tensor(model, example_input)
-    if isinstance(model, torch.jit.ScriptModule):
-        return _capture_script(model, x)
-    return _capture_eager(model, x)
-
-
-def _check_conv_output(module: nn.Module, name: str, x: Tensor) -> None:
-    """Refuse a conv call whose output would not fit in memory, before torch allocates it."""
-    try:
-        spec = ConvSpec.from_module(module)
-        out = spec.output_shape(tuple(x.shape))
-    except ConvtoolError:
-        return  # not a call the spec describes: torch reports what is wrong with it
-    batch = int(x.shape[0]) if x.dim() == spec.ndim + 2 else 1
-    check_memory(
-        batch * math.prod(out) * x.element_size(),
-        f"running conv {name or type(module).__name__!r} on an input of shape "
-        f"{tuple(x.shape)} (output {(batch, *out)})",
-        "use a smaller input shape",
-    )
-
-
-class _ConvCalls(TorchFunctionMode):
-    """Hands every conv function call to `record(function name, args, kwargs)`."""
-
-    def __init__(self, record: Callable[[str, tuple[Any, ...], dict[str, Any]], None]) -> None:
-        super().__init__()
-        self.record = record
-
-    def __torch_function__(
-        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
-    ) -> Any:
-        kwargs = kwargs or {}
-        name = _CONV_FUNCTIONS.get(func)
-        if name is not None:
-            self.record(name, args, kwargs)
-        return func(*args, **kwargs)
-
-
-def _capture_eager(model: nn.Module, x: Tensor) -> Capture:
-    cap = Capture()
-    names: dict[int, str] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        names.setdefault(id(module), name)
-    convs = {id(m) for _, m in model.named_modules() if is_conv(m)}
-    stack: list[nn.Module] = []
-    invocations: dict[str, int] = {}
-    weights: dict[str, list[Tensor]] = {}
-
-    def pre(module: nn.Module, args: tuple[Any, ...]) -> None:
-        stack.append(module)
-        if id(module) in convs and args and isinstance(args[0], Tensor):
-            name = names[id(module)]
-            _check_conv_output(module, name, args[0])
-            invocations[name] = invocations.get(name, 0) + 1
-            weight: Any = module.weight
-            _add_shape(cap, name, _sample(args[0], weight.dim() - 2))
-
-    def post(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if stack and stack[-1] is module:
-            stack.pop()
-
-    def record(function: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        inp = args[0] if args else kwargs.get("input")
-        weight = args[1] if len(args) > 1 else kwargs.get("weight")
-        owner = stack[-1] if stack else None
-        if owner is not None and id(owner) in convs:
-            if isinstance(weight, Tensor):
-                weights.setdefault(names[id(owner)], []).append(weight)
-            return
-        cap.functional.append(
-            FunctionalConv(
-                where=names.get(id(owner), "") if owner is not None else "",
-                function=function,
-                weight_shape=tuple(weight.shape) if isinstance(weight, Tensor) else (),
-                input_shape=tuple(inp.shape) if isinstance(inp, Tensor) else (),
-            )
-        )
-
-    handles = []
-    for _, module in model.named_modules():
-        handles.append(module.register_forward_pre_hook(pre))
-        handles.append(module.register_forward_hook(post))
-    try:
-        with _ConvCalls(record):
-            _run(model, x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    for name, module in model.named_modules():
-        if id(module) not in convs or name not in invocations:
-            continue
-        used = weights.get(name, [])
-        own: Any = module.weight
-        if len(used) != invocations[name] or not all(
-            w is own or (isinstance(w, Tensor) and w.shape == own.shape and torch.equal(w, own))
-            for w in used
-        ):
-            cap.custom.append(name)
-    return cap
-
-
-class _AtenConvs(TorchDispatchMode):
-    """Hands every `aten.convolution` the dispatcher runs to `record(args)`."""
-
-    def __init__(self, record: Callable[[tuple[Any, ...]], None]) -> None:
-        super().__init__()
-        self.record = record
-
-    def __torch_dispatch__(
-        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
-    ) -> Any:
-        if func._schema.name in ("aten::convolution", "aten::_convolution"):
-            self.record(args)
-        return func(*args, **(kwargs or {}))
-
-
-def _capture_script(model: nn.Module, x: Tensor) -> Capture:
-    from convtool.io.checkpoints import script_layers
-
-    cap = Capture()
-    layers = {
-        (layer.weight.data_ptr(), tuple(layer.weight.shape)): layer
-        for layer in script_layers(model)
-    }
-
-    def record(args: tuple[Any, ...]) -> None:
-        inp, weight = args[0], args[1]
-        layer = layers.get((weight.data_ptr(), tuple(weight.shape)))
-        if layer is None:
-            cap.functional.append(
-                FunctionalConv("", "convolution", tuple(weight.shape), tuple(inp.shape))
-            )
-            return
-        shape = _sample(inp, layer.spec.ndim)
-        if layer.spec.padding_mode != "zeros":  # nn.Conv pads first, then convolves unpadded
-            pads = layer.spec.pad_pairs
-            shape = (shape[0], *(n - lo - hi for n, (lo, hi) in zip(shape[1:], pads, strict=True)))
-        _add_shape(cap, layer.name, shape)
-
-    with _AtenConvs(record):
-        _run(model, x)
-    return cap
+def _run(model: nn.Module, x: Tensor, forward_kwargs: Mapping[str, Any] | None = None) -> Any:
+    return run_model(model, x, forward_kwargs)
 
 
 # ---------------------------------------------------------------------------------- converting
@@ -310,7 +74,7 @@ class LayerChange:
     """One conv replaced by its LC/FC form.
 
     Attributes:
-        name: module path.
+        name: the call's name (see :mod:`convtool.inventory`).
         layer: the conv, e.g. 'Conv2d(3, 8, kernel_size=(3, 3), ...)'.
         kind: the conv's class name ('Conv2d').
         replacement: the new module's class name.
@@ -329,9 +93,13 @@ class LayerChange:
     params_before: int
     params_after: int
     bytes_after: int
+    call: str = "module"
+    spec: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "call": self.call,
+            "spec": dict(self.spec),
             "name": self.name,
             "layer": self.layer,
             "kind": self.kind,
@@ -364,8 +132,8 @@ class ConversionReport:
             calls = "; ".join(f.describe() for f in self.functional[:8])
             more = f"; ... ({len(self.functional)} in all)" if len(self.functional) > 8 else ""
             lines.append(
-                f"{len(self.functional)} functional conv call(s) are not nn.Conv modules and were "
-                f"left as they are: {calls}{more}"
+                f"{len(self.functional)} conv call(s) compute their weight or bias from the input "
+                f"and were left as they are: {calls}{more}"
             )
         return lines
 
@@ -403,28 +171,9 @@ def stored_size(module: nn.Module) -> tuple[int, int]:
     return entries, nbytes
 
 
-def select_layers(names: Sequence[str], pattern: str | None) -> list[str]:
-    """Names matching `pattern`: globs ('features.*') or names, comma-separated; all if None."""
-    if pattern is None:
-        return list(names)
-    parts = [p.strip() for p in pattern.split(",") if p.strip()]
-    if not parts:
-        raise ConvtoolError(
-            f"`layers` must name layers or globs like 'features.*', got {pattern!r}",
-            params=("layers",),
-        )
-    chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in parts)]
-    unmatched = [p for p in parts if not any(fnmatch.fnmatchcase(n, p) for n in names)]
-    if unmatched:
-        listing = ", ".join(names[:12]) + (
-            f", ... ({len(names)} in all)" if len(names) > 12 else ""
-        )
-        raise ConvtoolError(
-            f"`layers` {', '.join(repr(p) for p in unmatched)} matches no conv layer; the model "
-            f"has {listing or 'none'}",
-            params=("layers",),
-        )
-    return chosen
+def select_layers(names: Sequence[str], pattern: str | Sequence[str] | None) -> list[str]:
+    """:func:`convtool.inventory.select` (kept under its earlier name)."""
+    return select(names, pattern)
 
 
 def _estimate_bytes(
@@ -459,6 +208,60 @@ def _replace(root: nn.Module, old: nn.Module, new: nn.Module) -> nn.Module:
     return root
 
 
+def form_key(name: str) -> str:
+    """The `ConvertedModel.forms` key of a call name ('.' cannot be in a module name)."""
+    return name.replace(".", "/") if name else "(root)"
+
+
+class ConvertedModel(nn.Module):
+    """A model whose chosen conv calls are computed by their LC/FC forms.
+
+    `model` runs as it is; each conv call it makes (named as in :mod:`convtool.inventory`) that
+    has a form, on the one-sample input shape the form was built for, is computed by the form.
+    Any other call (another input size, a call not converted) runs the original conv, so the
+    model accepts every batch size (and every input) the original accepts.
+
+    Attributes:
+        model: the original model; the converted convs' own weights are kept as non-persistent
+            buffers (not in `state_dict()`, not trained) since its forward still reads them.
+        forms: call name (see :func:`form_key`) -> its LC/FC module.
+        input_shapes: call name -> the one-sample input shape its form computes.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        forms: Mapping[str, nn.Module],
+        input_shapes: Mapping[str, tuple[int, ...]],
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.forms = nn.ModuleDict({form_key(n): f for n, f in forms.items()})
+        self.input_shapes = {n: tuple(s) for n, s in input_shapes.items()}
+
+    def _handle(self, call: ConvCall, run: Callable[[], Any]) -> Any:
+        shape = self.input_shapes.get(call.name)
+        if shape is None or call.input.dim() != len(shape) + 1:
+            return run()
+        if tuple(call.input.shape[1:]) != shape:
+            return run()
+        return self.forms[form_key(call.name)](call.input)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with intercept(self.model, self._handle):
+            return self.model(*args, **kwargs)
+
+
+def _demote(module: nn.Module, names: Sequence[str]) -> None:
+    """Turn `module`'s own parameters `names` into non-persistent buffers (kept, not saved)."""
+    for pname in names:
+        t = module._parameters.get(pname)
+        if t is None:
+            continue
+        del module._parameters[pname]
+        module.register_buffer(pname, t.detach(), persistent=False)
+
+
 def convert_with_report(
     model: nn.Module,
     example_input: Tensor | Sequence[int],
@@ -469,14 +272,16 @@ def convert_with_report(
     memory_limit: int | None = None,
     advance: Callable[[int], None] | None = None,
     inplace: bool = False,
+    forward_kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[nn.Module, ConversionReport]:
-    """:func:`convert_model`, plus a report of every replaced layer and what was left.
+    """:func:`convert_model`, plus a report of every replaced call and what was left.
 
     Args:
         memory_limit: bytes the converted layers may take (default: available memory); checked
             before anything is built.
         advance: called with 1 after each converted layer (a progress bar).
         inplace: convert `model` itself instead of a deep copy.
+        forward_kwargs: further keyword arguments of the model's forward.
     """
     from convtool.convert import to_fully_connected, to_locally_connected
     from convtool.dtypes import compute_dtype
@@ -492,48 +297,36 @@ def convert_with_report(
         raise ConvtoolError(
             "sparse=True applies to the fully-connected form: use to='fc'", params=("sparse", "to")
         )
-    x = example_tensor(model, example_input)
     if isinstance(model, torch.jit.ScriptModule):
-        # Script modules cannot be edited: convert their torch.export graph (a fresh mirror).
-        from convtool.io.checkpoints import export_mirror, script_to_program
-
-        model, inplace = export_mirror(script_to_program(model, x))[0], True
+        raise ConvtoolError(SCRIPT_REFUSAL)
+    x = example_tensor(model, example_input)
     converted = model if inplace else copy.deepcopy(model)
-    cap = capture(converted, x)
-    conv_names = [n for n, m in converted.named_modules() if is_conv(m)]
-    called = {name: i for i, name in enumerate(cap.input_shapes)}
-    conv_names.sort(key=lambda n: called.get(n, len(called)))  # in the order the model runs
-    pattern = layers if layers is None or isinstance(layers, str) else ",".join(layers)
-    chosen = select_layers(conv_names, pattern)
-    report = ConversionReport(to.value, sparse, tuple(x.shape), functional=list(cap.functional))
+    inv = capture(converted, x, forward_kwargs)
+    chosen = set(select([layer.name for layer in inv.layers], layers))
+    report = ConversionReport(to.value, sparse, tuple(x.shape), functional=list(inv.computed))
     report.params_before = stored_size(converted)[0]
-    plan: list[tuple[str, nn.Module, ConvSpec, tuple[int, ...], int]] = []
-    for name in chosen:
-        module = converted.get_submodule(name)
-        spec = ConvSpec.from_module(module)
-        if name not in cap.input_shapes:
-            report.skipped[name] = "the model does not call it on the example input"
-        elif name in cap.conflicts:
-            seen = ", ".join(str(s) for s in cap.conflicts[name])
-            report.skipped[name] = f"it is called on several input shapes ({seen})"
-        elif name in cap.custom:
-            report.skipped[name] = "its forward is not a plain conv with its own weight"
-        elif to == ModelTarget.LC and spec.transposed:
+    plan: list[tuple[ConvLayer, tuple[int, ...], int]] = []
+    for layer in inv.layers:
+        if layer.name not in chosen:
+            continue
+        if layer.skipped is not None:
+            report.skipped[layer.name] = layer.skipped
+        elif layer.input_shape is None:
+            report.skipped[layer.name] = "the model does not call it on the example input"
+        elif to == ModelTarget.LC and layer.spec.transposed:
             raise ConvtoolError(
-                f"layer {name!r} is a {spec.kind}, which has no locally-connected form; use "
-                f"to='fc', or leave it out with `layers`",
+                f"layer {layer.name!r} is a {layer.spec.kind}, which has no locally-connected "
+                f"form; use to='fc', or leave it out with `layers`",
                 params=("to", "layers"),
             )
         else:
-            shape = cap.input_shapes[name]
-            weight: Any = module.weight
-            itemsize = weight.element_size()
-            plan.append(
-                (name, module, spec, shape, _estimate_bytes(spec, shape, to, sparse, itemsize))
-            )
+            compute_dtype(layer.weight.dtype, f"the weight of conv call {layer.name!r}")
+            shape = layer.input_shape
+            itemsize = layer.weight.element_size()
+            plan.append((layer, shape, _estimate_bytes(layer.spec, shape, to, sparse, itemsize)))
     if plan:
-        biggest = max(plan, key=lambda p: p[4])
-        total = sum(p[4] for p in plan) + biggest[4]  # + one transient copy while building
+        biggest = max(plan, key=lambda p: p[2])
+        total = sum(p[2] for p in plan) + biggest[2]  # + one transient copy while building
         form = {
             ModelTarget.LC: "locally-connected",
             ModelTarget.FC: "sparse FC" if sparse else "dense FC",
@@ -546,40 +339,105 @@ def convert_with_report(
         }[to]
         check_memory(
             total,
-            f"the {form} form of {len(plan)} layer(s) (largest: {biggest[0] or 'the conv'!r}, "
-            f"{human_bytes(biggest[4])})",
+            f"the {form} form of {len(plan)} layer(s) (largest: {biggest[0].name or 'the conv'!r}, "
+            f"{human_bytes(biggest[2])})",
             alternative,
             memory_limit,
             params=("layers", "to", "sparse"),
             limit_param="memory_limit",
         )
-    root = converted
-    for name, module, spec, shape, _ in plan:
+    forms: dict[str, nn.Module] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for layer, shape, _ in plan:
+        conv = build_conv(layer.spec, layer.weight, layer.bias)
         new: nn.Module
         if to == ModelTarget.LC:
-            new = to_locally_connected(module, shape)
+            new = to_locally_connected(conv, shape)
         else:
-            new = to_fully_connected(module, shape, sparse=sparse)
-        root = _replace(root, module, new)
-        before = stored_size(module)[0]
+            new = to_fully_connected(conv, shape, sparse=sparse)
+        forms[layer.name], shapes[layer.name] = new, shape
         after, nbytes = stored_size(new)
         report.layers.append(
             LayerChange(
-                name=name,
-                layer=spec.describe(),
-                kind=spec.kind,
+                name=layer.name,
+                layer=layer.spec.describe(),
+                kind=layer.spec.kind,
                 replacement=type(new).__name__,
                 input_shape=shape,
-                output_shape=spec.output_shape(shape),
-                params_before=before,
+                output_shape=layer.spec.output_shape(shape),
+                params_before=layer.weight.numel()
+                + (layer.bias.numel() if layer.bias is not None else 0),
                 params_after=after,
                 bytes_after=nbytes,
+                call=layer.call,
+                spec=spec_dict(layer.spec),
             )
         )
         if advance is not None:
             advance(1)
+    root = _assemble(converted, inv.layers, forms, shapes)
     report.params_after = stored_size(root)[0]
     return root, report
+
+
+SCRIPT_REFUSAL = (
+    "a TorchScript module cannot be converted: its conv calls run inside the TorchScript "
+    "interpreter, where no form can take their place; convert the eager model (its state_dict "
+    "with the model's code) or a torch.export program (.pt2) of it instead"
+)
+
+
+def _assemble(
+    model: nn.Module,
+    calls: Sequence[ConvLayer],
+    forms: Mapping[str, nn.Module],
+    shapes: Mapping[str, tuple[int, ...]],
+) -> nn.Module:
+    """The converted model: a plain conv model becomes its form; else a ConvertedModel."""
+    if not forms:
+        return model
+    if type(model) in CONV_TYPES and list(forms) == [""]:
+        return forms[""]
+    by_name = {layer.name: layer for layer in calls}
+    converted_calls = set(forms)
+    for layer in calls:
+        # an nn.Conv module whose every call is converted no longer needs its own parameters
+        if layer.call == "module" and layer.module is not None and layer.name in converted_calls:
+            owner = layer.module
+            others = [
+                other
+                for other in by_name.values()
+                if other.module is owner and other.name not in converted_calls
+            ]
+            if not others:
+                _demote(owner, ["weight", "bias"])
+    return ConvertedModel(model, forms, shapes)
+
+
+def spec_dict(spec: ConvSpec) -> dict[str, Any]:
+    """A ConvSpec as JSON-ready values (:func:`spec_from_dict` reads it back)."""
+    return {
+        "ndim": spec.ndim,
+        "in_channels": spec.in_channels,
+        "out_channels": spec.out_channels,
+        "kernel_size": list(spec.kernel_size),
+        "stride": list(spec.stride),
+        "padding": spec.padding if isinstance(spec.padding, str) else list(spec.padding),
+        "dilation": list(spec.dilation),
+        "groups": spec.groups,
+        "padding_mode": spec.padding_mode,
+        "transposed": spec.transposed,
+        "output_padding": list(spec.output_padding) if spec.transposed else 0,
+        "bias": spec.bias,
+    }
+
+
+def spec_from_dict(values: Mapping[str, Any]) -> ConvSpec:
+    """The ConvSpec :func:`spec_dict` wrote."""
+    try:
+        return ConvSpec.create(**dict(values))
+    except TypeError as exc:
+        raise ConvtoolError(f"a damaged conv spec in converted-model metadata: {exc}") from None
 
 
 def convert_model(
@@ -588,30 +446,34 @@ def convert_model(
     to: str = ModelTarget.LC,
     sparse: bool = False,
     layers: str | Sequence[str] | None = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
 ) -> nn.Module:
-    """A copy of `model` with every (or every chosen) conv replaced by its LC or FC form.
+    """A copy of `model` with every (or every chosen) conv call computed by its LC or FC form.
 
-    The copy computes the same function: each conv becomes the module
-    :func:`convtool.to_locally_connected` / :func:`convtool.to_fully_connected` builds for the
-    input shape the conv sees when the model runs on `example_input`. The converted model
-    accepts inputs of that shape (any batch size the rest of the model allows). `model` itself
-    is left untouched; TorchScript models are converted through their torch.export graph.
+    The copy computes the same function: each conv call (an `nn.Conv*` module, a subclass with
+    its own forward, or a functional `F.conv*d` whose weight is a parameter, buffer or
+    constant) is computed by the module :func:`convtool.to_locally_connected` /
+    :func:`convtool.to_fully_connected` builds for the input shape the call sees when the model
+    runs on `example_input`; everything around the call stays. The result accepts any batch
+    size the original accepts. `model` itself is left untouched.
 
-    Conv calls that are not `nn.Conv*` modules (`F.conv2d(x, w)` in a forward) cannot be
-    replaced; they are listed in a :class:`FunctionalConvWarning`.
+    Conv calls whose weight is computed from the input cannot be converted; they are listed in
+    a :class:`FunctionalConvWarning`, as are calls skipped for another reason.
 
     Args:
         model: the model, e.g. `(N, 3, H, W) -> logits`.
         example_input: its full input `(N, C, *spatial)`, or that shape (zeros are used).
         to: 'lc' (locally connected) or 'fc' (fully connected).
         sparse: for 'fc', keep each matrix sparse.
-        layers: which convs: globs or names ('features.*', 'conv1,conv2'); all when None.
+        layers: which calls: globs or names ('features.*', 'conv1,frontend.F.conv1d#0');
+            all when None.
+        forward_kwargs: further keyword arguments of the model's forward, used to run it.
 
     Returns:
-        The converted copy.
+        The converted copy: a :class:`ConvertedModel` (or, for a bare conv, its form).
     """
     converted, report = convert_with_report(
-        model, example_input, to=to, sparse=sparse, layers=layers
+        model, example_input, to=to, sparse=sparse, layers=layers, forward_kwargs=forward_kwargs
     )
     for line in report.warnings():
         warnings.warn(line, FunctionalConvWarning, stacklevel=2)
@@ -622,8 +484,8 @@ def convert_model(
 def load_converted(model: nn.Module, path: str | Path) -> nn.Module:
     """Rebuild a converted model saved as a state_dict (.pt / .safetensors by `convtool convert`).
 
-    `model` is the *original* architecture (its weights do not matter); each conv listed in the
-    file's metadata is replaced by its LC/FC form at the recorded input shape (nothing is run),
+    `model` is the *original* architecture (its weights do not matter); each call listed in the
+    file's metadata gets its LC/FC form at the recorded input shape and spec (nothing is run),
     then the converted weights are loaded strictly. `model` itself is left untouched.
 
     Example::
@@ -636,23 +498,41 @@ def load_converted(model: nn.Module, path: str | Path) -> nn.Module:
     state, meta = read_converted(Path(path))
     to, sparse = meta["to"], bool(meta.get("sparse", False))
     root = copy.deepcopy(model)
+    forms: dict[str, nn.Module] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    calls: list[ConvLayer] = []
     for entry in meta["layers"]:
         name, shape = entry["name"], tuple(entry["input_shape"])
-        try:
-            module = root.get_submodule(name) if name else root
-        except AttributeError:
+        if "spec" not in entry:
             raise ConvtoolError(
-                f"{str(path)!r} converts layer {name!r}, which this model does not have; pass "
-                f"the architecture it was converted from"
-            ) from None
-        if not is_conv(module):
-            raise ConvtoolError(f"layer {name!r} of this model is not a conv; wrong architecture?")
+                f"{str(path)!r} was written by an older convtool (no conv specs in its "
+                f"metadata); convert the model again"
+            )
+        spec = spec_from_dict(entry["spec"])
+        ones = torch.ones(spec.weight_shape)  # a fixed, non-zero pattern; loaded over below
+        conv = build_conv(spec, ones, torch.ones(spec.out_channels) if spec.bias else None)
         new: nn.Module
         if to == ModelTarget.LC:
-            new = to_locally_connected(module, shape)
+            new = to_locally_connected(conv, shape)
         else:
-            new = to_fully_connected(module, shape, sparse=sparse)
-        root = _replace(root, module, new)
+            new = to_fully_connected(conv, shape, sparse=sparse)
+        forms[name], shapes[name] = new, shape
+        owner = None
+        if entry.get("call", "module") == "module":
+            try:
+                owner = root.get_submodule(name) if name else root
+            except AttributeError:
+                raise ConvtoolError(
+                    f"{str(path)!r} converts layer {name!r}, which this model does not have; "
+                    f"pass the architecture it was converted from"
+                ) from None
+            if not is_conv(owner):
+                raise ConvtoolError(
+                    f"layer {name!r} of this model is not a conv; wrong architecture?"
+                )
+        calls.append(ConvLayer(name, spec, ones, None, module=owner,
+                               call=entry.get("call", "module")))  # fmt: skip
+    root = _assemble(root, calls, forms, shapes)
     try:
         root.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -665,34 +545,45 @@ def load_converted(model: nn.Module, path: str | Path) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------- sources
-def trace_source(source: Any, example_shape: Sequence[int]) -> Capture:
-    """Fill `layer.input_shape` of every layer of a model source for `example_shape`.
+def trace_source(
+    source: Any, example_shape: Sequence[int], forward_kwargs: Mapping[str, Any] | None = None
+) -> Inventory:
+    """Record the conv calls of a model source for `example_shape`; the source's layers become
+    them (module convs and functional calls, each with `input_shape` when unique).
 
     Export programs already know their shapes for the shape they were exported with; anything
-    else is run once (see :func:`capture`). The capture is kept on the source, so tracing twice
-    for one shape costs nothing.
+    else is run once (see :func:`convtool.inventory.capture`). The inventory is kept on the
+    source, so tracing twice for one shape costs nothing.
 
     Args:
         source: a :class:`convtool.io.source.Source` with a model.
         example_shape: the full example input `(N, C, *spatial)`.
+        forward_kwargs: further keyword arguments of the model's forward (default: the
+            source's own `forward_kwargs`).
     """
     shape = tuple(int(s) for s in example_shape)
+    kwargs = forward_kwargs if forward_kwargs is not None else source.forward_kwargs
     cached = getattr(source, "capture", None)
     if source.traced_shape == shape and cached is not None:
         return cached
+    if source.kind == "onnx":
+        from convtool.onnx_graph import onnx_layers
+
+        layers, notes = onnx_layers(source.onnx.model, shape)
+        source.layers, source.notes = layers, notes
+        inv = Inventory(layers=list(layers), example_shape=shape)
+        source.traced_shape, source.capture = shape, inv
+        return inv
     if source.model is None:
         raise ConvtoolError(f"{str(source.path)!r} is a kernel file; it has no model to run")
     if source.kind == "export" and shape == source.example_shape:
-        cap = Capture(
-            input_shapes={
-                layer.name: layer.input_shape
-                for layer in source.layers
-                if layer.input_shape is not None
-            }
-        )
+        inv = Inventory(layers=list(source.layers), example_shape=shape)
+        for layer in source.layers:
+            if layer.input_shape is not None:
+                layer.input_shapes = [layer.input_shape]
     else:
         try:
-            cap = capture(source.model, shape)
+            inv = capture(source.model, shape, kwargs)
         except ConvtoolError as exc:
             if source.kind == "export" and source.example_shape is not None:
                 raise ConvtoolError(
@@ -700,11 +591,10 @@ def trace_source(source: Any, example_shape: Sequence[int]) -> Capture:
                     f"{','.join(map(str, source.example_shape))}"
                 ) from None
             raise
-        for layer in source.layers:
-            layer.input_shape = cap.input_shapes.get(layer.name)
+        source.layers = list(inv.layers)
     source.traced_shape = shape
-    source.capture = cap
-    return cap
+    source.capture = inv
+    return inv
 
 
 # ---------------------------------------------------------------------------------- export
@@ -792,17 +682,37 @@ def _exportable(model: nn.Module, x: Tensor) -> nn.Module:
     return root
 
 
-def export_converted(model: nn.Module, example_input: Tensor | Sequence[int]) -> Any:
-    """A torch.export program of a converted model, checked against it on the example input.
+class _Bound(nn.Module):
+    """`model(x, **kwargs)` as a one-argument module (the .pt2 takes the tensor only)."""
+
+    def __init__(self, model: nn.Module, kwargs: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.kwargs = dict(kwargs)
+
+    def forward(self, x: Tensor) -> Any:
+        return self.model(x, **self.kwargs)
+
+
+def export_converted(
+    model: nn.Module,
+    example_input: Tensor | Sequence[int],
+    forward_kwargs: Mapping[str, Any] | None = None,
+) -> Any:
+    """A torch.export program of a converted model with a dynamic batch dimension, checked
+    against the model at the example's batch size and at another one.
 
     Modules holding sparse matrices are exported as :class:`SparseLinearMap` (same product).
-    The program runs without convtool and only on inputs of the example's shape.
+    `forward_kwargs` are fixed into the program, which takes the input tensor only and runs
+    without convtool.
     """
     from convtool.io.checkpoints import quiet
 
     x = example_tensor(model, example_input)
+    model = _Bound(model, forward_kwargs or {})  # one tensor argument: a dynamic batch dim
     module = _exportable(model, x)
     _set_training(module, False)
+    dynamic = True
     try:
         with quiet(), torch.no_grad():
             try:  # any batch size, when the model allows it (a batch of 1 would be fixed)
@@ -811,6 +721,7 @@ def export_converted(model: nn.Module, example_input: Tensor | Sequence[int]) ->
                 wide = x.expand(max(2, x.shape[0]), *x.shape[1:]).clone()
                 program = torch.export.export(module, (wide,), dynamic_shapes=(batch,))
             except Exception:
+                dynamic = False
                 program = torch.export.export(module, (x,))
     except Exception as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -818,14 +729,19 @@ def export_converted(model: nn.Module, example_input: Tensor | Sequence[int]) ->
             f"torch.export could not export the converted model: {type(exc).__name__}: "
             f"{text[:200]}; write .pt or .safetensors instead"
         ) from None
-    with torch.no_grad():
-        expected, actual = _run(model, x), program.module()(x)
-    if isinstance(expected, Tensor) and isinstance(actual, Tensor):
-        try:
-            torch.testing.assert_close(actual, expected)
-        except AssertionError:
-            raise ConvtoolError(
-                "the exported program does not reproduce the converted model (a bug: please "
-                "report it); write .pt or .safetensors instead"
-            ) from None
+    probes = [x]
+    if dynamic:
+        other = torch.randn(x.shape[0] + 2, *x.shape[1:], dtype=x.dtype)
+        probes.append(other)
+    for probe in probes:
+        with torch.no_grad():
+            expected, actual = _run(model, probe), program.module()(probe)
+        if isinstance(expected, Tensor) and isinstance(actual, Tensor):
+            try:
+                torch.testing.assert_close(actual, expected)
+            except AssertionError:
+                raise ConvtoolError(
+                    "the exported program does not reproduce the converted model (a bug: "
+                    "please report it); write .pt or .safetensors instead"
+                ) from None
     return program

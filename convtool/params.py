@@ -31,7 +31,6 @@ stay + non-conv`, and likewise for FC.
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -43,7 +42,7 @@ from torch import Tensor, nn
 from convtool import sizes
 from convtool.errors import ConvtoolError
 from convtool.forms import Form
-from convtool.io.source import ConvLayer, module_layers
+from convtool.inventory import ConvLayer, capture, module_layers, select
 from convtool.sizes import structural_nnz, tap_count
 from convtool.spec import ConvSpec, as_shape, is_conv
 
@@ -391,8 +390,9 @@ def _key(t: Tensor) -> Hashable:
 
 def _tensors(layer: ConvLike) -> list[Tensor]:
     """The tensors a conv layer holds: its module's own parameters, else weight and bias."""
-    if layer.module is not None:
-        own: list[Tensor] = list(layer.module.parameters(recurse=False))
+    owner = _owner(layer)
+    if owner is not None:
+        own: list[Tensor] = list(owner.parameters(recurse=False))
         if own:
             return own
     return [t for t in (layer.weight, layer.bias) if t is not None]
@@ -413,27 +413,14 @@ def _unique_sum(tensors: Iterable[Tensor], exclude: set[Hashable] | None = None)
 
 
 def _picked(names: Sequence[str], pattern: str | None) -> list[bool]:
-    """Which names a `layers` pattern picks: shell globs, comma-separated for several.
+    """Which names a layer pattern picks (:func:`convtool.inventory.select`)."""
+    chosen = set(select(names, pattern))
+    return [n in chosen for n in names]
 
-    Raises:
-        ConvtoolError: the pattern matches no name.
-    """
-    if pattern is None:
-        return [True] * len(names)
-    globs = [p.strip() for p in pattern.split(",") if p.strip()]
-    if not globs:
-        raise ConvtoolError(
-            f"`layers` pattern {pattern!r} is empty; give e.g. 'layer1.*'", params=("layers",)
-        )
-    picked = [any(fnmatch.fnmatchcase(n, g) for g in globs) for n in names]
-    if not any(picked):
-        shown = ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
-        raise ConvtoolError(
-            f"layers={pattern!r} matches no conv layer; names are {shown or 'none'} "
-            f"(globs like 'layer1.*' or 'conv1,conv2' work)",
-            params=("layers",),
-        )
-    return picked
+
+def _owner(layer: ConvLike) -> nn.Module | None:
+    """The conv module whose own parameters are the layer's (None for a functional call)."""
+    return layer.module if getattr(layer, "call", "module") in ("module", "script") else None
 
 
 def _sum(values: Iterable[int | None]) -> int | None:
@@ -486,7 +473,8 @@ def count_layers(
             dtype=layer.weight.dtype,
             missing=(missing or {}).get(layer.name),
         )
-        shared = first_module.get(id(layer.module)) if layer.module is not None else None
+        owner = _owner(layer)
+        shared = first_module.get(id(owner)) if owner is not None else None
         tied = None if shared else first_key.get(_key(layer.weight))
         extra = []
         if shared:
@@ -495,8 +483,8 @@ def count_layers(
             extra.append(f"weight tied to {tied!r}: its conv parameters count once in the totals")
         if shared or tied:
             c = replace(c, shared_with=shared, tied_to=tied, notes=(*c.notes, *extra))
-        if layer.module is not None:
-            first_module.setdefault(id(layer.module), layer.name)
+        if owner is not None:
+            first_module.setdefault(id(owner), layer.name)
         first_key.setdefault(_key(layer.weight), layer.name)
         counts.append(c)
     total = _totals(layers, counts, picked, model, non_conv_known)
@@ -611,6 +599,7 @@ def count_params(
     example_input_shape: Sequence[int] | Tensor | None = None,
     *,
     layers: str | None = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
 ) -> ParamReport:
     """What each conv of a model (or one conv) costs as conv, LC and FC layers; builds nothing.
 
@@ -622,6 +611,7 @@ def count_params(
             model on the meta device costs nothing) to learn each conv's input shape. None
             counts the conv form only.
         layers: shell globs (comma-separated) naming the conv layers to list and convert.
+        forward_kwargs: further keyword arguments of the model's forward.
 
     Returns:
         A :class:`ParamReport`; `report.to_dict()` is its JSON form.
@@ -631,8 +621,6 @@ def count_params(
         >>> report.layers[0].lc_params
         26136
     """
-    from convtool.models import capture
-
     if not isinstance(model_or_conv, nn.Module):
         raise ConvtoolError(
             f"count_params expects an nn.Module, got {type(model_or_conv).__name__}"
@@ -649,8 +637,6 @@ def count_params(
         layer = ConvLayer(name, spec, m.weight, m.bias, shape, model_or_conv)
         return count_layers([layer], model=model_or_conv, pattern=layers)
     found = module_layers(model_or_conv)
-    if not found:
-        raise ConvtoolError(f"{type(model_or_conv).__name__} has no conv layers to count")
     shapes: dict[str, tuple[int, ...] | None] = {}
     missing: dict[str, str] = {}
     example: tuple[int, ...] | None = None
@@ -668,17 +654,23 @@ def count_params(
                 )
             x = torch.zeros(example_shape, dtype=dtype or torch.float32, device=device)
         example = tuple(x.shape)
-        seen = capture(model_or_conv, x)
-        shapes.update(seen.input_shapes)
+        inv = capture(model_or_conv, x, forward_kwargs)
+        found = list(inv.layers)
         for layer in found:
-            if layer.name in seen.conflicts:
-                shapes.pop(layer.name, None)
+            if layer.conflict:
                 missing[layer.name] = "called with several input shapes: its matrix is not unique"
-            elif layer.name not in shapes:
+            elif layer.input_shape is None:
                 missing[layer.name] = "not called by forward on the example input"
+            else:
+                shapes[layer.name] = layer.input_shape
     else:
         for layer in found:
             missing[layer.name] = "no example input: only the conv form is counted"
+    if not found:
+        raise ConvtoolError(
+            f"{type(model_or_conv).__name__} has no conv layers to count (functional conv "
+            f"calls are found by running it: give example_input_shape=)"
+        )
     return count_layers(
         found,
         model=model_or_conv,

@@ -34,14 +34,14 @@ import dataclasses
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from convtool import convert, models, sizes
+from convtool import convert, sizes
 from convtool.compare import (
     Comparison,
     Tolerance,
@@ -60,7 +60,7 @@ from convtool.error_bounds import (
 )
 from convtool.errors import ConvtoolError
 from convtool.forms import Form, ModelTarget, Target, forms_of, model_forms_of
-from convtool.io.source import ConvLayer
+from convtool.inventory import ConvCall, ConvLayer, capture, intercept, select
 from convtool.matrices import (
     bias_vector_for,
     coo_entries,
@@ -272,10 +272,12 @@ def _check_counts(trials: int, seed: int) -> None:
         raise ConvtoolError(f"seed must be a non-negative int, got {seed!r}")
 
 
-def _quiet_forward(module: nn.Module, x: Tensor) -> Any:
+def _quiet_forward(
+    module: nn.Module, x: Tensor, forward_kwargs: Mapping[str, Any] | None = None
+) -> Any:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return module(x)
+        return module(x, **dict(forward_kwargs or {}))
 
 
 # ---------------------------------------------------------------------------------- one layer
@@ -696,17 +698,24 @@ def _wide(t: Tensor) -> Tensor:
     return t.to(torch.float64) if t.is_floating_point() else t
 
 
-def _run_model(model: nn.Module, inputs: Tensor, batched: bool = False) -> Tensor:
+def _run_model(
+    model: nn.Module,
+    inputs: Tensor,
+    batched: bool = False,
+    forward_kwargs: Mapping[str, Any] | None = None,
+) -> Tensor:
     """Outputs for each example input `(K, *example_shape)`: `(K, numel of one output)`.
 
     With `batched`, the K inputs go through one forward, concatenated along the batch dim (see
     :func:`_batched_outputs`)."""
     try:
         if batched:
-            out = _batched_outputs(model, inputs)
+            out = _batched_outputs(model, inputs, forward_kwargs)
             assert out is not None
             return out
-        return torch.stack([_flatten_outputs(_quiet_forward(model, x)) for x in inputs])
+        return torch.stack(
+            [_flatten_outputs(_quiet_forward(model, x, forward_kwargs)) for x in inputs]
+        )
     except (ConvtoolError, _BuildError):
         raise
     except Exception as exc:
@@ -716,21 +725,30 @@ def _run_model(model: nn.Module, inputs: Tensor, batched: bool = False) -> Tenso
         ) from None
 
 
-def _batched_outputs(model: nn.Module, inputs: Tensor) -> Tensor | None:
+def _batched_outputs(
+    model: nn.Module, inputs: Tensor, forward_kwargs: Mapping[str, Any] | None = None
+) -> Tensor | None:
     """`(K, numel)` from one forward on the K inputs stacked along the batch dim, or None when
     the output is not per-sample along dim 0."""
     k, n = inputs.shape[0], inputs.shape[1]
-    leaves = _leaves(_quiet_forward(model, inputs.reshape(k * n, *inputs.shape[2:])))
+    leaves = _leaves(
+        _quiet_forward(model, inputs.reshape(k * n, *inputs.shape[2:]), forward_kwargs)
+    )
     if not leaves or any(t.dim() == 0 or t.shape[0] != k * n for t in leaves):
         return None
     return torch.cat([_wide(t).reshape(k, -1) for t in leaves], dim=1)
 
 
-def _batches_alike(model: nn.Module, inputs: Tensor, expected: Tensor) -> bool:
+def _batches_alike(
+    model: nn.Module,
+    inputs: Tensor,
+    expected: Tensor,
+    forward_kwargs: Mapping[str, Any] | None = None,
+) -> bool:
     """Whether one forward on all inputs gives each input's own outputs (BatchNorm in eval,
     no reshape that mixes samples): then each form is built once, not once per input."""
     try:
-        out = _batched_outputs(model, inputs)
+        out = _batched_outputs(model, inputs, forward_kwargs)
     except Exception:
         return False
     if out is None or out.shape != expected.shape:
@@ -754,6 +772,7 @@ def check_model(
     layers: Sequence[str] | None = None,
     max_memory: int | None = None,
     advance: Advance | None = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
 ) -> list[FormCheck]:
     """The converted model against the original, on inputs of the example's shape (end to end).
 
@@ -790,7 +809,9 @@ def check_model(
         why = "a TorchScript module cannot be converted; verify its eager model or .pt2 export"
         checks = [FormCheck(MODEL_NAME, f, SKIPPED, input_shape=shape, note=why) for f in forms]
     elif forms:
-        run = _model_run(model, shape, dtype, trials, seed, tol, user, layers, max_memory)
+        run = _model_run(
+            model, shape, dtype, trials, seed, tol, user, layers, max_memory, forward_kwargs
+        )
         for form in forms:
             started = time.perf_counter()
             check = _model_form(run, form)
@@ -813,7 +834,8 @@ class _ModelRun:
     layers: Sequence[str] | None
     budget: Budget
     batched: bool
-    capture: models.Capture
+    capture: Any  # the inventory of the model's conv calls (convtool.inventory.Inventory)
+    forward_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def result(self, form: str, status: str, **kwargs: Any) -> FormCheck:
         out = tuple(self.expected.shape[1:])
@@ -831,19 +853,21 @@ def _model_run(
     user: bool,
     layers: Sequence[str] | None,
     max_memory: int | None,
+    forward_kwargs: Mapping[str, Any] | None = None,
 ) -> _ModelRun:
+    kw = dict(forward_kwargs or {})
     with warnings.catch_warnings():  # deep-copying exported GraphModules warns about pytree
         warnings.simplefilter("ignore")
         work = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
         wide = work if dtype == torch.float64 else copy.deepcopy(work).to(torch.float64)
     inputs = make_inputs(shape, trials, seed, dtype)
     wide_inputs = inputs.to(torch.float64)
-    expected = _run_model(wide, wide_inputs)
-    batched = _batches_alike(wide, wide_inputs, expected)
+    expected = _run_model(wide, wide_inputs, forward_kwargs=kw)
+    batched = _batches_alike(wide, wide_inputs, expected, kw)
     del wide
     bound = None
     if not user and dtype != torch.float64:
-        own = _run_model(work, inputs, batched)
+        own = _run_model(work, inputs, batched, kw)
         if own.shape == expected.shape:
             u = unit_roundoff(dtype)
             err = torch.where(torch.isfinite(own), (own - expected).abs(), 0.0)
@@ -855,10 +879,10 @@ def _model_run(
                 f"model on that input + u*|y|), u={u:.3g}",
                 arithmetic=True,
             )  # fmt: skip
-    cap = models.capture(work, shape)
+    cap = capture(work, shape, kw)
     return _ModelRun(
         work, shape, inputs, expected, bound, tol, input_labels(trials), layers,
-        memory_budget(max_memory), batched, cap,
+        memory_budget(max_memory), batched, cap, kw,
     )  # fmt: skip
 
 
@@ -879,10 +903,15 @@ def _form_need(spec: ConvSpec, sample: tuple[int, ...], form: str, run: _ModelRu
 
 
 def _model_form(run: _ModelRun, form: str) -> FormCheck:
-    names = set(run.layers) if run.layers is not None else _conv_names(run.work)
+    cap = run.capture
+    names = set(run.layers) if run.layers is not None else {x.name for x in cap.layers}
     to = ModelTarget.LC if form == Form.LC else ModelTarget.FC
     sparse = form == Form.FC_SPARSE
-    kept = _transposed_names(run.work, names) if to == ModelTarget.LC else []
+    kept = (
+        sorted(x.name for x in cap.layers if x.name in names and x.spec.transposed)
+        if to == ModelTarget.LC
+        else []
+    )
     names -= set(kept)
     notes = [f"transposed convs have no LC form, kept: {', '.join(kept)}"] if kept else []
     cap = run.capture
@@ -898,14 +927,20 @@ def _model_form(run: _ModelRun, form: str) -> FormCheck:
             notes.append(f"conv {name!r} was not converted: its forward is not a plain conv")
         else:
             sample = cap.input_shapes[name]
-            spec = ConvSpec.from_module(run.work.get_submodule(name))
-            need = _form_need(spec, sample, form, run)
+            layer = cap.get(name)
+            if layer.skipped is not None or not layer.exact_spec:
+                notes.append(f"conv {name!r} was not converted: {layer.skipped or 'padded'}")
+                continue
+            need = _form_need(layer.spec, sample, form, run)
             if need > run.budget.nbytes:
                 over.append(f"{name} ({human_bytes(need)})")
             else:
                 plan[name] = sample
     if cap.functional:
-        notes.append(f"{len(cap.functional)} functional conv call(s) left as they are")
+        notes.append(
+            f"{len(cap.functional)} conv call(s) with weights computed from the input left as "
+            f"they are"
+        )
     partial = ""
     if over:
         partial = f"{len(over)} conv(s) left unconverted, each over {run.budget.describe()}: "
@@ -939,45 +974,42 @@ class _BuildError(Exception):
 def _run_converted(
     run: _ModelRun, plan: dict[str, tuple[int, ...]], to: str, sparse: bool
 ) -> Tensor:
-    """The model's outputs with each planned conv's output computed by its form instead."""
+    """The model's outputs with each planned conv call's output computed by its form instead.
 
-    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        name = names[id(module)]
+    Every conv call is intercepted (module convs, subclasses and functional calls alike, see
+    :func:`convtool.inventory.intercept`); a planned call at its planned input shape is computed
+    by its form, built there and freed right after, so one form is alive at a time."""
+
+    def handle(call: ConvCall, original: Callable[[], Any]) -> Any:
+        sample = plan.get(call.name)
+        if sample is None or call.spec is None:
+            return original()
+        x = call.input
+        batched = x.dim() == call.spec.ndim + 2
+        if tuple(x.shape[1:] if batched else x.shape) != tuple(sample):
+            return original()  # the same call at another size stays a conv
         form: nn.Module
         try:
+            conv = build_conv(call.spec, call.weight.detach(), _detached(call.bias))
             if to == ModelTarget.LC:
-                form = convert.to_locally_connected(module, plan[name])
+                form = convert.to_locally_connected(conv, sample)
             else:
                 form = convert.to_fully_connected(
-                    module, plan[name], sparse=sparse, max_memory=run.budget.nbytes
+                    conv, sample, sparse=sparse, max_memory=run.budget.nbytes
                 )
         except ConvtoolError as exc:
-            raise _BuildError(f"layer {name!r}: {exc}") from None
-        result = form.eval()(args[0])
+            raise _BuildError(f"layer {call.name!r}: {exc}") from None
+        result = form.eval()(x if batched else x.unsqueeze(0))
         del form  # freed before the next conv runs
-        return result
+        return result if batched else result.squeeze(0)
 
-    names = {id(run.work.get_submodule(n)): n for n in plan}
-    handles = [run.work.get_submodule(n).register_forward_hook(hook) for n in plan]
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return _run_model(run.work, run.inputs, run.batched)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with warnings.catch_warnings(), intercept(run.work, handle):
+        warnings.simplefilter("ignore")
+        return _run_model(run.work, run.inputs, run.batched, run.forward_kwargs)
 
 
-def _conv_names(model: nn.Module) -> set[str]:
-    return {name for name, m in model.named_modules() if is_conv(m)}
-
-
-def _transposed_names(model: nn.Module, names: set[str]) -> list[str]:
-    return sorted(
-        name
-        for name, m in model.named_modules()
-        if name in names and is_conv(m) and ConvSpec.from_module(m).transposed
-    )
+def _detached(t: Tensor | None) -> Tensor | None:
+    return t.detach() if t is not None else None
 
 
 # ---------------------------------------------------------------------------------- front doors
@@ -996,6 +1028,7 @@ def verify_layers(
     end_to_end: bool = True,
     strict: bool = False,
     advance: Advance | None = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
 ) -> VerifyReport:
     """Check `layers` (each with its one-sample input shape) and, given a model, end to end.
 
@@ -1011,7 +1044,7 @@ def verify_layers(
         return _verify_layers(
             layers, model=model, example_shape=example_shape, to=to, dtype=dtype, trials=trials,
             seed=seed, rtol=rtol, atol=atol, max_memory=max_memory, end_to_end=end_to_end,
-            strict=strict, advance=advance,
+            strict=strict, advance=advance, forward_kwargs=forward_kwargs,
         )  # fmt: skip
 
 
@@ -1030,6 +1063,7 @@ def _verify_layers(
     end_to_end: bool = True,
     strict: bool = False,
     advance: Advance | None = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
 ) -> VerifyReport:
     """The body of :func:`verify_layers`, under its memory limit."""
     dtype = parse_dtype(dtype)
@@ -1047,7 +1081,8 @@ def _verify_layers(
     e2e: list[FormCheck] = []
     if model is not None and end_to_end and example_shape is not None:
         names = [layer.name for layer, _ in layers]
-        e2e = check_model(model, example_shape, layers=names, **kwargs)
+        e2e = check_model(model, example_shape, layers=names, forward_kwargs=forward_kwargs,
+                          **kwargs)  # fmt: skip
     elif model is None and end_to_end and example_shape is not None:
         notes.append("no end-to-end comparison: the source has no model, only conv layers")
     report = VerifyReport(
@@ -1077,28 +1112,30 @@ def _why_nothing(checks: Sequence[FormCheck]) -> str:
 
 
 def model_layers(
-    model: nn.Module, example_shape: Sequence[int]
+    model: nn.Module,
+    example_shape: Sequence[int],
+    forward_kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[list[tuple[ConvLayer, tuple[int, ...]]], list[str]]:
-    """(layer, one-sample input shape) for every conv the model calls on `example_shape` (a conv
-    called on several shapes once per shape), and notes on the convs not called."""
-    cap = models.capture(model, tuple(int(s) for s in example_shape))
+    """(layer, one-sample input shape) for every conv call the model makes on `example_shape`
+    (see :mod:`convtool.inventory`; a call seen at several shapes once per shape), and notes on
+    the calls that cannot be checked alone."""
+    inv = capture(model, tuple(int(s) for s in example_shape), forward_kwargs)
     pairs, notes = [], []
-    for name, module in model.named_modules():
-        if not is_conv(module):
+    for layer in inv.layers:
+        # a call at several sizes has no single matrix, but each size can be checked alone
+        if (layer.skipped is not None and not layer.conflict) or not layer.input_shapes:
+            why = layer.skipped or "it is not called on the example input"
+            notes.append(f"conv {layer.name!r} is not checked: {why}")
             continue
-        if name not in cap.input_shapes:
-            notes.append(f"conv {name!r} is not called on the example input: not checked")
-            continue
-        weight: Any = module.weight
-        spec = ConvSpec.from_module(module)
-        bias = getattr(module, "bias", None)
-        shapes = cap.conflicts.get(name, [cap.input_shapes[name]])
-        if len(shapes) > 1:
-            seen = ", ".join(str(s) for s in shapes)
-            notes.append(f"conv {name!r} is called on {len(shapes)} input shapes ({seen}): each "
-                         f"checked at its own; it is left unconverted end to end")  # fmt: skip
-        for shape in shapes:
-            pairs.append((ConvLayer(name, spec, weight, bias, shape, module), shape))
+        if len(layer.input_shapes) > 1:
+            seen = ", ".join(str(s) for s in layer.input_shapes)
+            notes.append(
+                f"conv {layer.name!r} is called on {len(layer.input_shapes)} input shapes "
+                f"({seen}): each checked at its own; it is left unconverted end to end"
+            )
+        for shape in layer.input_shapes:
+            pairs.append((dataclasses.replace(layer, input_shape=shape, skipped=None), shape))
+    notes += [f"not checked: {f.describe()}" for f in inv.computed]
     return pairs, notes
 
 
@@ -1117,6 +1154,7 @@ def verify(
     end_to_end: bool = True,
     strict: bool = False,
     advance: Advance | None = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
 ) -> VerifyReport:
     """Prove numerically that convtool's forms compute what the conv (or model) computes.
 
@@ -1140,6 +1178,7 @@ def verify(
         end_to_end: for a model, also compare the whole converted model with the original.
         strict: any skipped or partial (sampled) check fails the report.
         advance: called with each :class:`FormCheck` as it completes.
+        forward_kwargs: for a model, further keyword arguments of its forward.
 
     Returns:
         A :class:`VerifyReport`; `bool(report)` is `report.passed`.
@@ -1158,11 +1197,11 @@ def verify(
         model, example, notes = None, None, list[str]()
     elif isinstance(target, nn.Module):
         example = tuple(int(s) for s in input_shape)
-        found, notes = model_layers(target, example)
+        found, notes = model_layers(target, example, forward_kwargs)
         if not found:
             raise ConvtoolError(f"{type(target).__name__} calls no conv layer on input {example}")
         pattern = layers if layers is None or isinstance(layers, str) else ",".join(layers)
-        chosen = set(models.select_layers([layer.name for layer, _ in found], pattern))
+        chosen = set(select([layer.name for layer, _ in found], pattern))
         pairs = [(layer, shape) for layer, shape in found if layer.name in chosen]
         model = target
     else:
@@ -1170,7 +1209,7 @@ def verify(
     report = verify_layers(
         pairs, model=model, example_shape=example, to=to, dtype=dtype, trials=trials,
         seed=seed, rtol=rtol, atol=atol, max_memory=max_memory, end_to_end=end_to_end,
-        strict=strict, advance=advance,
+        strict=strict, advance=advance, forward_kwargs=forward_kwargs,
     )  # fmt: skip
     report.notes[:0] = notes
     return report

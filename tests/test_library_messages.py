@@ -90,6 +90,17 @@ def _info() -> Any:
     return matrix_info(ConvSpec.from_module(nn.Conv2d(3, 4, 3)), (3, 16, 16), torch.float32)
 
 
+class NeedsRate(nn.Module):
+    """A forward that needs a keyword argument besides the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv1d(1, 2, 3)
+
+    def forward(self, x: torch.Tensor, sr: int) -> torch.Tensor:
+        return self.c(x) * sr
+
+
 BIG = nn.Conv2d(64, 64, 3)  # its dense T on (64, 512, 512) is about 280 TB
 
 CASES: dict[str, Callable[[Path], Any]] = {
@@ -150,6 +161,10 @@ CASES: dict[str, Callable[[Path], Any]] = {
     ),
     "model wrong input shape": lambda p: describe.count_shapes(_model_source(p), (1, 9, 8, 8)),
     "inspect unknown layer": lambda p: describe.inspect_source(_model_source(p), None, "nope"),
+    "forward needs kwargs": lambda p: convtool.convert_model(NeedsRate(), (1, 1, 8)),
+    "layer input shape without layer": lambda p: describe.count_shapes(
+        _model_source(p), None, None, (4, 8, 8)
+    ),
     "dense npy over budget": lambda p: matrix_output.check_budget(
         p / "T.npy", "dense", _info(), max_memory=10
     ),
@@ -192,6 +207,22 @@ def test_parameter_hints_become_flags_in_the_cli() -> None:
     assert cli_message(
         ConvtoolError("`example_input` or memory_limit=1", params="memory_limit")
     ) == ("--input-shape or --max-memory 1")
+
+
+def test_new_parameters_become_flags() -> None:
+    from convtool.cli.flags import cli_message
+    from convtool.inventory import RUN_PARAMS, run_failure
+
+    text = run_failure(TypeError("forward() missing 1 required positional argument: 'sr'"), (1, 8))
+    said = cli_message(ConvtoolError(text, params=RUN_PARAMS))
+    assert "--forward-kwargs" in said and "--layer-input-shape" in said
+    assert "--input-shape" in said and "forward_kwargs" not in said
+    assert "layer_input_shape" not in said and "example_input" not in said
+    exc = ConvtoolError(
+        "`layer_input_shape` goes with layer='NAME' (that layer's input)",
+        params=("layer_input_shape", "layer"),
+    )
+    assert cli_message(exc) == "--layer-input-shape goes with --layer NAME (that layer's input)"
 
 
 def test_torch_wording_is_left_alone() -> None:

@@ -127,6 +127,7 @@ def convert_command(
     allow_pickle: opt.AllowPickleOpt = False,
     allow_nonfinite: opt.AllowNonfiniteOpt = False,
     max_memory: opt.MaxMemoryOpt = None,
+    forward_kwargs: opt.ForwardKwargsOpt = None,
     fold: FoldOpt = False,
     opset: OpsetOpt = None,
     input_bounds: InputBoundsOpt = None,
@@ -142,6 +143,10 @@ def convert_command(
     target = to
     if sparse and target != ModelTarget.FC:
         raise ConvtoolError("--sparse applies to --to fc (an LC layer stores only its taps)")
+    if source.suffix.lower() == ".onnx" and output.suffix.lower() not in ONNX_SUFFIXES:
+        raise ConvtoolError(
+            f"converting an ONNX model writes ONNX: use -o {output.with_suffix('.onnx').name}"
+        )
     bounds = check_request(output, target, sparse, fold, opset, input_bounds)
     if output.suffix.lower() in ONNX_SUFFIXES:
         _onnx_output(**locals())
@@ -150,15 +155,35 @@ def convert_command(
     inputs = [p for p in (source, bias) if p is not None]
     check_target(output, force, inputs)  # before any work: a refusal costs nothing
     memory_limit = opt.max_memory(max_memory)
-    src = opt.open_source(
-        source,
-        None,
-        bias,
-        model,
-        model_kwargs,
-        allow_pickle,
-        opt.conv_flags(stride, padding, dilation, groups, padding_mode, transposed, output_padding),
-    )
+    try:
+        src = opt.open_source(
+            source,
+            None,
+            bias,
+            model,
+            model_kwargs,
+            allow_pickle,
+            opt.conv_flags(
+                stride, padding, dilation, groups, padding_mode, transposed, output_padding
+            ),
+            forward_kwargs,
+        )
+    except ConvtoolError as exc:
+        if "several conv kernels" not in str(exc):
+            raise
+        raise ConvtoolError(
+            f"{str(source)!r} holds several conv kernels; give the architecture with --model "
+            f"MODULE:CALLABLE to convert the whole model (for one kernel's matrix: convtool "
+            f"toeplitz {source.name} --layer NAME)"
+        ) from None
+    if src.kind == "torchscript":
+        raise ConvtoolError(
+            f"cannot convert the TorchScript archive {str(source)!r}: its convs run inside the "
+            f"TorchScript interpreter; convert its torch.export program instead (torch.export."
+            f"export(model, (x,)) then torch.export.save to .pt2) or its state_dict with --model "
+            f"MODULE:CALLABLE, or write ONNX with -o NAME.onnx (inspect, count-params, toeplitz "
+            f"and verify read it as it is)"
+        )
     if not allow_nonfinite:
         for layer in src.layers:
             check_finite(layer)
@@ -188,6 +213,11 @@ def convert_command(
 def _onnx_output(**kw: Any) -> None:
     """`convert` for .onnx / .nnet outputs (any source, .onnx included)."""
     source, output, force, bias = kw["source"], kw["output"], kw["force"], kw["bias"]
+    if kw["forward_kwargs"] is not None:
+        raise ConvtoolError(
+            "--forward-kwargs does not go with an ONNX or NNet output: the exported graph takes "
+            "one input; write .pt2 or .pt instead"
+        )
     inputs = [p for p in (source, bias) if p is not None]
     check_target(output, force, inputs)
     memory_limit = opt.max_memory(kw["max_memory"])
@@ -272,6 +302,7 @@ def _convert(
             memory_limit=memory_limit,
             advance=advance,
             inplace=True,  # the loaded model is ours: no second copy of its weights
+            forward_kwargs=src.forward_kwargs,
         )
     for line in report.warnings():
         typer.echo(f"convtool: warning: {cli_text(line)}", err=True)
@@ -279,7 +310,7 @@ def _convert(
         raise ConvtoolError(f"no conv layer of {str(source)!r} could be converted; nothing written")
     check_disk(output, stored_size(converted)[1], "the converted model", "convert fewer layers")
     if fmt == "export":
-        program = export_converted(converted, example)
+        program = export_converted(converted, example, src.forward_kwargs)
         with atomic_outputs([output], force=force, inputs=inputs) as temps:
             mfiles.write_program(temps[0], program)
     else:

@@ -52,6 +52,8 @@ def count_params_command(
     model: opt.ModelOpt = None,
     model_kwargs: opt.ModelKwargsOpt = None,
     allow_pickle: opt.AllowPickleOpt = False,
+    forward_kwargs: opt.ForwardKwargsOpt = None,
+    layer_input_shape: opt.LayerInputShapeOpt = None,
     allow_nonfinite: opt.AllowNonfiniteOpt = False,
 ) -> None:
     """Count the parameters, memory and multiply-adds of each conv layer as conv, locally
@@ -74,16 +76,25 @@ def count_params_command(
         model_kwargs,
         allow_pickle,
         opt.conv_flags(stride, padding, dilation, groups, padding_mode, transposed, output_padding),
+        forward_kwargs,
     )
+    plan = count_shapes(
+        src,
+        opt.parse_shape(input_shape) if input_shape is not None else None,
+        layer,
+        opt.parse_shape(layer_input_shape, "--layer-input-shape")
+        if layer_input_shape is not None
+        else None,
+    )
+    for line in plan.warnings:
+        typer.echo(f"convtool: warning: {cli_text(line)}", err=True)
+    # after tracing: a functional call's name (`F.conv1d#0`) exists only once the model ran
     if not allow_nonfinite:
         for conv in [src.select(layer)] if layer is not None else src.layers:
             check_finite(conv)
     pattern = layers
     if layer is not None:
         pattern = _exact(src.select(layer).name)
-    plan = count_shapes(src, opt.parse_shape(input_shape) if input_shape is not None else None)
-    for line in plan.warnings:
-        typer.echo(f"convtool: warning: {cli_text(line)}", err=True)
     example = None
     if src.kind != "kernel":
         example = src.traced_shape or src.example_shape

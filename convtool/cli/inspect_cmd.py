@@ -5,8 +5,10 @@ from __future__ import annotations
 import typer
 
 from convtool.cli import options as opt
+from convtool.cli import shapes as sh
 from convtool.cli.app import app
 from convtool.describe import inspect_source
+from convtool.errors import ConvtoolError
 from convtool.io.source import check_finite
 from convtool.render.common import emit_json
 from convtool.render.inspect import render_inspect
@@ -29,6 +31,8 @@ def inspect_command(
     model: opt.ModelOpt = None,
     model_kwargs: opt.ModelKwargsOpt = None,
     allow_pickle: opt.AllowPickleOpt = False,
+    forward_kwargs: opt.ForwardKwargsOpt = None,
+    layer_input_shape: opt.LayerInputShapeOpt = None,
     allow_nonfinite: opt.AllowNonfiniteOpt = False,
 ) -> None:
     """List every conv layer: kind, weight shape, stride, padding (mode), dilation, groups, bias;
@@ -45,7 +49,16 @@ def inspect_command(
         model_kwargs,
         allow_pickle,
         opt.conv_flags(stride, padding, dilation, groups, padding_mode, transposed, output_padding),
+        forward_kwargs,
     )
+    if layer_input_shape is not None:
+        if layer is None or input_shape is not None:
+            raise ConvtoolError(
+                "--layer-input-shape goes with --layer NAME (that layer's own input), instead "
+                "of --input-shape"
+            )
+        one = src.select(layer)
+        one.input_shape = sh.layer_input_shape(src, one, None, layer_input_shape)
     if not allow_nonfinite:
         for conv in [src.select(layer)] if layer is not None else src.layers:
             check_finite(conv)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -18,8 +19,8 @@ MODEL_PANEL = "Checkpoint (SOURCE is a model file)"
 SourceArg = Annotated[
     Path,
     typer.Argument(
-        help="Kernel file (.npy .npz .pt .pth .safetensors) or checkpoint (state_dict with "
-        "--model, TorchScript archive, .pt2 torch.export program).",
+        help="Kernel file (.npy .npz .pt .pth .bin .ckpt .safetensors) or model (state_dict "
+        "with --model, TorchScript archive, .pt2 torch.export program, .onnx).",
         show_default=False,
     ),
 ]
@@ -115,6 +116,24 @@ AllowPickleOpt = Annotated[
     ),
 ]
 
+ForwardKwargsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--forward-kwargs",
+        help="JSON object of further keyword arguments for the model's forward, passed to "
+        "every run, e.g. '{\"sr\": 16000}'.",
+        rich_help_panel=MODEL_PANEL,
+    ),
+]
+LayerInputShapeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--layer-input-shape",
+        help="With --layer: that layer's own one-sample input C_in,*spatial; the model is not run.",
+        rich_help_panel=MODEL_PANEL,
+    ),
+]
+
 _INT = re.compile(r"[+-]?\d+")
 
 
@@ -166,6 +185,24 @@ def conv_flags(
     )
 
 
+def parse_forward_kwargs(text: str | None) -> dict[str, Any] | None:
+    """`--forward-kwargs` JSON -> a dict (lists of numbers stay lists; the model gets them)."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConvtoolError(
+            f"--forward-kwargs must be a JSON object like '{{\"sr\": 16000}}', got {text!r} "
+            f"({exc.msg})"
+        ) from None
+    if not isinstance(value, dict):
+        raise ConvtoolError(
+            f"--forward-kwargs must be a JSON object like '{{\"sr\": 16000}}', got {text!r}"
+        )
+    return value
+
+
 def open_source(
     source: Path,
     layer: str | None,
@@ -174,6 +211,7 @@ def open_source(
     model_kwargs: str | None,
     allow_pickle: bool,
     flags: ConvFlags,
+    forward_kwargs: str | None = None,
 ) -> Source:
     """Load SOURCE with the shared options every subcommand declares."""
     options = SourceOptions(
@@ -183,6 +221,7 @@ def open_source(
         model=model,
         model_kwargs=model_kwargs,
         allow_pickle=allow_pickle,
+        forward_kwargs=parse_forward_kwargs(forward_kwargs),
     )
     return load_source(source, options)
 

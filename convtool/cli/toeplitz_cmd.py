@@ -10,13 +10,13 @@ from typing import Annotated
 import typer
 
 from convtool.cli import options as opt
+from convtool.cli import shapes as sh
 from convtool.cli.app import app
 from convtool.cli.progress import progress
-from convtool.cli.shapes import layer_input_shape
 from convtool.describe import ToeplitzResult
+from convtool.inventory import layer_info
 from convtool.io import matrix_files as mf
 from convtool.io.source import check_finite
-from convtool.matrices import matrix_info
 from convtool.matrix_output import check_budget, targets, write_matrix
 from convtool.render.common import emit_json
 from convtool.render.toeplitz import render_matrix_summary
@@ -54,6 +54,8 @@ def toeplitz_command(
     allow_pickle: opt.AllowPickleOpt = False,
     allow_nonfinite: opt.AllowNonfiniteOpt = False,
     max_memory: opt.MaxMemoryOpt = None,
+    forward_kwargs: opt.ForwardKwargsOpt = None,
+    layer_input_shape: opt.LayerInputShapeOpt = None,
 ) -> None:
     """Write the exact matrix T of a conv layer: layer(x).flatten() == T @ x.flatten() + b.
 
@@ -69,12 +71,13 @@ def toeplitz_command(
         model_kwargs,
         allow_pickle,
         opt.conv_flags(stride, padding, dilation, groups, padding_mode, transposed, output_padding),
+        forward_kwargs,
     )
-    conv = src.select(layer)
+    conv = sh.pick_layer(src, layer, input_shape, layer_input_shape)
     if not allow_nonfinite:
         check_finite(conv)
-    shape = layer_input_shape(src, conv, input_shape)
-    info = matrix_info(conv.spec, shape, conv.weight.dtype)
+    shape = sh.layer_input_shape(src, conv, input_shape, layer_input_shape)
+    info = layer_info(conv, shape, conv.weight.dtype)
     result = ToeplitzResult(str(source), conv.name, info)
     if output is not None and fmt is not None:
         inputs = [p for p in (source, bias) if p is not None]

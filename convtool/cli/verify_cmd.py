@@ -7,14 +7,16 @@ from typing import Annotated
 import typer
 
 from convtool.cli import options as opt
+from convtool.cli import shapes as sh
 from convtool.cli.app import EXIT_MISMATCH, EXIT_OK, app
 from convtool.cli.flags import cli_message
 from convtool.cli.progress import progress
 from convtool.cli.shapes import layer_input_shape, resolve_shapes
 from convtool.errors import ConvtoolError
 from convtool.forms import Target
-from convtool.io.source import ConvLayer, Source
-from convtool.models import select_layers
+from convtool.inventory import ConvLayer
+from convtool.inventory import select as select_layers
+from convtool.io.source import Source
 from convtool.render.common import emit_json
 from convtool.render.verify import render_verify_report
 from convtool.verification import (
@@ -149,6 +151,8 @@ def verify_command(
     allow_pickle: opt.AllowPickleOpt = False,
     max_memory: VerifyMaxMemoryOpt = None,
     strict: StrictOpt = False,
+    forward_kwargs: opt.ForwardKwargsOpt = None,
+    layer_input_shape: opt.LayerInputShapeOpt = None,
 ) -> None:
     """Check each conv layer against its Toeplitz product, LC and FC forms (and a model end to
     end) on seeded random, all-ones and zero inputs. Exit 0 if all agree, 1 on any mismatch
@@ -178,10 +182,34 @@ def verify_command(
         model_kwargs,
         allow_pickle,
         opt.conv_flags(stride, padding, dilation, groups, padding_mode, transposed, output_padding),
+        forward_kwargs,
     )
-    chosen = _chosen(src, layer, layers)
-    pairs, notes = _with_shapes(src, chosen, input_shape)
-    example = _example_shape(src, input_shape) if src.model is not None else None
+    if layer_input_shape is not None:
+        if layer is None:
+            raise ConvtoolError("--layer-input-shape goes with --layer NAME (that layer's input)")
+        one = src.select(layer)
+        pairs = [(one, sh.layer_input_shape(src, one, None, layer_input_shape))]
+        notes: list[str] = ["the model was not run: --layer-input-shape checks the layer alone"]
+        example = None
+    else:
+        if src.is_model and input_shape is not None:
+            sh.resolve_shapes(src, input_shape)
+        chosen = _chosen(src, layer, layers)
+        pairs, notes = _with_shapes(src, chosen, input_shape)
+        example = _example_shape(src, input_shape) if src.model is not None else None
+    if src.kind == "onnx":
+        from convtool.onnx_check import verify_onnx_layers
+
+        report = verify_onnx_layers(
+            pairs, opset=src.onnx.opset, dtype=torch_dtype, trials=trials, seed=seed, rtol=rtol,
+            atol=atol,
+        )  # fmt: skip
+        report.notes[:0] = notes
+        if json_out:
+            emit_json({"source": str(source), **report.to_dict()})
+        else:
+            render_verify_report(report, str(source))
+        raise typer.Exit(EXIT_OK if report.passed else EXIT_MISMATCH)
     total = len(pairs) * len(form_names(to)) + (len(model_form_names(to)) if example else 0)
     with progress(total, "verifying", not json_out) as step:
 
@@ -201,6 +229,7 @@ def verify_command(
             max_memory=memory_limit,
             strict=strict,
             advance=advance,
+            forward_kwargs=src.forward_kwargs,
         )
     report.notes[:0] = notes
     if src.model is not None and example is None:

@@ -54,7 +54,7 @@ def metadata(report: Mapping[str, Any], source: str, source_kind: str) -> dict[s
 
     return {
         "format": FORMAT_TAG,
-        "version": 1,
+        "version": 2,
         "convtool_version": __version__,
         "source": source,
         "source_kind": source_kind,
@@ -67,6 +67,8 @@ def metadata(report: Mapping[str, Any], source: str, source_kind: str) -> dict[s
                 "kind": layer["kind"],
                 "replacement": layer["replacement"],
                 "input_shape": list(layer["input_shape"]),
+                "call": layer.get("call", "module"),
+                "spec": layer.get("spec"),
             }
             for layer in report["layers"]
         ],

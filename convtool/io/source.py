@@ -18,8 +18,11 @@ from torch import Tensor, nn
 
 from convtool.dtypes import COMPUTE_DTYPES, compute_dtype
 from convtool.errors import ConvtoolError
+from convtool.inventory import ConvLayer, module_layers
 from convtool.io.tensors import check_readable, read_tensors, tensors_from_object
-from convtool.spec import ConvSpec, is_conv
+from convtool.spec import ConvSpec
+
+__all__ = ["ConvFlags", "ConvLayer", "Source", "SourceOptions", "load_source", "module_layers"]
 
 
 @dataclass(frozen=True)
@@ -45,27 +48,7 @@ class SourceOptions:
     model: str | None = None
     model_kwargs: str | None = None
     allow_pickle: bool = False
-
-
-@dataclass
-class ConvLayer:
-    """One conv layer of a source.
-
-    Attributes:
-        name: the module path in the model ('features.0'), or the kernel file's stem.
-        spec: its hyperparameters.
-        weight: as PyTorch stores it, `(C_out, C_in/groups, *kernel)` (transposed: in/out swapped).
-        bias: `(C_out,)` or None.
-        input_shape: one sample `(C_in, *spatial)` when the source knows it (a traced model).
-        module: the live nn.Module when the source has one.
-    """
-
-    name: str
-    spec: ConvSpec
-    weight: Tensor
-    bias: Tensor | None
-    input_shape: tuple[int, ...] | None = None
-    module: nn.Module | None = None
+    forward_kwargs: dict[str, Any] | None = None
 
 
 @dataclass
@@ -82,7 +65,9 @@ class Source:
         program: the ExportedProgram of an export source.
         example_shape: the input shape the program was exported with (export only).
         traced_shape: the full example input shape `layers[*].input_shape` were recorded for.
-        capture: the :class:`convtool.models.Capture` of that run, when the model was run.
+        capture: the :class:`convtool.inventory.Inventory` of that run, when the model ran.
+        forward_kwargs: further keyword arguments passed to every run of the model.
+        onnx: for an ONNX source, its :class:`convtool.onnx_graph.OnnxGraph`.
     """
 
     path: Path
@@ -94,6 +79,8 @@ class Source:
     example_shape: tuple[int, ...] | None = None
     traced_shape: tuple[int, ...] | None = None
     capture: Any = None
+    forward_kwargs: dict[str, Any] | None = None
+    onnx: Any = None
 
     @property
     def is_model(self) -> bool:
@@ -102,6 +89,13 @@ class Source:
 
     def select(self, name: str | None) -> ConvLayer:
         """The one layer a single-layer command works on: `layer='NAME'`, or the only one."""
+        if not self.layers:
+            raise ConvtoolError(
+                f"{str(self.path)!r} has no nn.Conv modules; conv calls made by functions "
+                f"(F.conv1d(x, self.filters)) are found by running the model: give its example "
+                f"input shape (`input_shape`)",
+                params=("input_shape",),
+            )
         if name is None:
             if len(self.layers) == 1:
                 return self.layers[0]
@@ -113,27 +107,19 @@ class Source:
         for layer in self.layers:
             if layer.name == name:
                 return layer
+        if _is_call_name(name) and self.traced_shape is None and self.model is not None:
+            raise ConvtoolError(
+                f"{name!r} names a conv call made by a function; such calls are found by running "
+                f"the model: give its example input shape"
+            )
         raise ConvtoolError(
             f"no conv layer named {name!r} in {str(self.path)!r}; it has {_names(self.layers)}"
         )
 
 
-def module_layers(model: nn.Module) -> list[ConvLayer]:
-    """The `nn.Conv*` modules of an eager model, in `named_modules()` order."""
-    layers = []
-    for name, module in model.named_modules():
-        if is_conv(module):
-            m: Any = module
-            layers.append(
-                ConvLayer(
-                    name=name,
-                    spec=ConvSpec.from_module(module),
-                    weight=m.weight.detach(),
-                    bias=m.bias.detach() if m.bias is not None else None,
-                    module=module,
-                )
-            )
-    return layers
+def _is_call_name(name: str) -> bool:
+    """A functional call's name ('frontend.F.conv1d#0'): known only once the model has run."""
+    return "#" in name
 
 
 def _names(layers: Sequence[ConvLayer], limit: int = 10) -> str:
@@ -241,12 +227,27 @@ def load_source(path: Path, options: SourceOptions) -> Source:
     from convtool.io import checkpoints as ck
 
     check_readable(path)
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        if options.model is not None:
+            raise ConvtoolError(
+                f"{str(path)!r} is an ONNX model, which holds its own graph; drop "
+                f"model={options.model!r}",
+                params=("model",),
+            )
+        return _checked(onnx_source(path), options)
     if options.model_kwargs is not None and options.model is None:
         raise ConvtoolError(
             "`model_kwargs` goes with model='MODULE:CALLABLE'; give both",
             params=("model_kwargs", "model"),
         )
     fmt = ck.detect_format(path)
+    if fmt == "unknown" and suffix not in KERNEL_SUFFIXES:
+        raise ConvtoolError(
+            f"cannot tell the format of {str(path)!r}; convtool reads kernels and state_dicts "
+            f"(.npy .npz .pt .pth .bin .ckpt .safetensors), torch.export programs (.pt2), ONNX "
+            f"models (.onnx) and TorchScript archives (any extension, found by content)"
+        )
     if fmt in ("export", "torchscript") and options.model is not None:
         what = "torch.export program" if fmt == "export" else "TorchScript archive"
         raise ConvtoolError(
@@ -268,17 +269,42 @@ def load_source(path: Path, options: SourceOptions) -> Source:
     return load_kernel(path, options)
 
 
+KERNEL_SUFFIXES = (".npy", ".npz", ".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+
+
+def onnx_source(path: Path, example_shape: Sequence[int] | None = None) -> Source:
+    """An ONNX model: its Conv/ConvTranspose nodes (see :mod:`convtool.onnx_graph`)."""
+    from convtool.io.onnx_reader import read_onnx
+    from convtool.onnx_graph import graph_info, onnx_layers
+
+    model = read_onnx(path)
+    info = graph_info(model)
+    dims = info.input_shape
+    fixed: tuple[int, ...] | None = None
+    if dims and all(isinstance(d, int) and d > 0 for d in dims[1:]):
+        # only the batch may be symbolic: one sample's shapes do not depend on it
+        batch = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else 1
+        fixed = (batch, *(int(d) for d in dims[1:]))
+    layers, notes = onnx_layers(model, example_shape or fixed)
+    source = Source(path, "onnx", layers, notes=notes, onnx=info)
+    if fixed is not None:
+        source.example_shape = fixed
+        source.traced_shape = fixed
+    return source
+
+
 def _checked(source: Source, options: SourceOptions) -> Source:
     """A model source: refuse kernel-only options, and a model without conv layers."""
+    source.forward_kwargs = options.forward_kwargs
     if options.bias is not None:
         raise ConvtoolError(
             f"`bias` applies to raw kernel files; {str(source.path)!r} is a {source.kind} "
             f"checkpoint that holds its own biases",
             params=("bias",),
         )
-    if options.layer is not None:
+    if options.layer is not None and not _is_call_name(options.layer):
         source.select(options.layer)  # fail early, listing the names
-    if not source.layers:
+    if not source.layers and source.kind in ("export", "onnx", "torchscript"):
         extra = f" ({'; '.join(source.notes)})" if source.notes else ""
         raise ConvtoolError(f"{str(source.path)!r} has no conv layers{extra}")
     return source
