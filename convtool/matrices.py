@@ -368,15 +368,22 @@ def matrix(
     *,
     sparse: bool = False,
     layout: SparseLayout = "coo",
+    rows: object | None = None,
 ) -> Tensor:
     """`T` for a spec and its weight (see :func:`toeplitz_from_weight`).
 
     The index arithmetic runs on the CPU; for a weight on another device the result is moved
-    there.
+    there. `rows`: a boolean output-position mask; only those rows (see :func:`toeplitz`).
     """
     if weight.device.type not in ("cpu", "meta"):
         cpu = weight.detach().cpu()
-        return matrix(spec, cpu, input_shape, sparse=sparse, layout=layout).to(weight.device)
+        return matrix(spec, cpu, input_shape, sparse=sparse, layout=layout, rows=rows).to(
+            weight.device
+        )
+    if rows is not None:
+        from convtool.region import region_matrix  # region builds on this module
+
+        return region_matrix(spec, weight, input_shape, rows, sparse=sparse, layout=layout)
     if sparse:
         return _sparse(spec, weight, input_shape, layout)
     return _dense(spec, weight, input_shape)
@@ -388,6 +395,7 @@ def toeplitz(
     *,
     sparse: bool = False,
     layout: SparseLayout = "coo",
+    rows: object | None = None,
 ) -> Tensor:
     """The exact matrix `T` of a conv layer: `layer(x).flatten() == T @ x.flatten() + b`.
 
@@ -395,16 +403,21 @@ def toeplitz(
         layer: `nn.Conv1d/2d/3d` or `nn.ConvTranspose1d/2d/3d`, any hyperparameters.
         input_shape: one sample `(C_in, *spatial)` (a leading batch dim is accepted).
         sparse: return a torch sparse tensor (COO coalesced, or CSR with `layout='csr'`).
+        rows: a boolean mask of shape `(*out_spatial)` (a tensor or numpy array): return only
+            the rows of the masked output positions, for every output channel, in the full
+            matrix's order, built directly from their entries. `convtool.region_rows(layer,
+            input_shape, mask)` gives their indices in the full `T`. For a transposed conv the
+            mask is over the transposed conv's own output positions.
 
     Returns:
-        `T` of shape `(C_out * prod(out_spatial), C_in * prod(spatial))`; the bias is
-        :func:`bias_vector`.
+        `T` of shape `(C_out * prod(out_spatial), C_in * prod(spatial))` (`C_out * mask.sum()`
+        rows with `rows=`); the bias is :func:`bias_vector`.
     """
     spec = ConvSpec.from_module(layer)
     weight = layer.weight
     if not isinstance(weight, Tensor):
         raise ConvtoolError(f"{type(layer).__name__} has no weight tensor")
-    return matrix(spec, weight, input_shape, sparse=sparse, layout=layout)
+    return matrix(spec, weight, input_shape, sparse=sparse, layout=layout, rows=rows)
 
 
 def bias_vector_for(

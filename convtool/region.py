@@ -1,0 +1,506 @@
+"""Row subsets in use: the conv's matrix and the conv itself at chosen output positions only.
+
+A *region* is a boolean mask over the output's spatial positions, shape `(*out_spatial)` (for
+:class:`RegionConv` also one mask per sample, `(N, *out_spatial)`). Every output channel is
+computed at those positions, so the region's rows of `T` are, in the full matrix's order,
+`c * prod(out_spatial) + p` for each output channel `c` and each selected flat position `p`
+(:func:`region_rows`).
+
+For a transposed conv the region is likewise a mask over the positions of *its own* output (the
+rows of its `T`), whose shape is `ConvTranspose*d`'s output shape (output_padding included).
+
+Both the rows of `T` and :class:`RegionConv` come from one piece of index arithmetic restricted to
+the selected positions (:func:`_taps`): for each selected output position and kernel tap, the
+input position it reads after the padding map (or, for a transposed conv, the input position
+whose scatter lands there), and whether it reads a real value. Nothing of size
+`prod(out_spatial) * taps` is built.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from convtool.errors import ConvtoolError
+from convtool.matrices import _axis_positions, _check_weight
+from convtool.spec import ConvSpec, build_conv
+
+SparseLayout = Literal["coo", "csr"]
+
+# Above this fraction of selected output positions RegionConv runs the full conv and masks it:
+# measured with benchmarks/region.py (the gather + GEMM path stops paying off around there).
+DEFAULT_MAX_DENSITY = 0.35
+
+
+# ---------------------------------------------------------------------------- masks
+def _as_bool_tensor(mask: Any, what: str = "mask") -> Tensor:
+    if isinstance(mask, np.ndarray):
+        mask = torch.from_numpy(np.ascontiguousarray(mask))
+    if not isinstance(mask, Tensor):
+        raise ConvtoolError(f"{what} must be a boolean tensor or array, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise ConvtoolError(f"{what} must have dtype bool, got {mask.dtype}")
+    return mask
+
+
+def _shapes(spec: ConvSpec, input_shape: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """One sample's input and output shapes, `(C_in, *spatial)` and `(C_out, *out_spatial)`."""
+    sample = spec.sample_shape(input_shape)
+    return sample, spec.output_shape(sample)
+
+
+def region_positions(mask: Any, out_spatial: Sequence[int]) -> Tensor:
+    """Flat output positions (C order, ascending) selected by a mask of shape `out_spatial`."""
+    m = _as_bool_tensor(mask)
+    if tuple(m.shape) != tuple(out_spatial):
+        raise ConvtoolError(
+            f"the region mask has shape {tuple(m.shape)} but the output positions are "
+            f"{tuple(out_spatial)} (one boolean per output position)"
+        )
+    return m.reshape(-1).nonzero().reshape(-1).cpu()
+
+
+def region_rows(layer: nn.Module, input_shape: Sequence[int], mask: Any) -> Tensor:
+    """Indices into the full `T`'s rows of the rows `toeplitz(layer, input_shape, rows=mask)` has.
+
+    Args:
+        layer: any conv module convtool supports.
+        input_shape: one sample `(C_in, *spatial)` (a leading batch dim is accepted).
+        mask: boolean `(*out_spatial)`.
+
+    Returns:
+        int64 `(C_out * mask.sum(),)`: `c * prod(out_spatial) + p` for every output channel `c`
+        and selected flat position `p`, ascending (the full matrix's row order).
+    """
+    return region_rows_for(ConvSpec.from_module(layer), input_shape, mask)
+
+
+def region_rows_for(spec: ConvSpec, input_shape: Sequence[int], mask: Any) -> Tensor:
+    """:func:`region_rows` for a spec."""
+    _, out = _shapes(spec, input_shape)
+    pos = region_positions(mask, out[1:])
+    p_out = math.prod(out[1:])
+    channels = torch.arange(out[0], dtype=torch.int64)[:, None] * p_out
+    return (channels + pos[None, :]).reshape(-1)
+
+
+def parse_box(text: str, out_spatial: Sequence[int]) -> Tensor:
+    """A box region `'h0:h1,w0:w1'` (one half-open range per output axis) as a boolean mask.
+
+    Omitted bounds mean the edge (`':8,4:'`); negative bounds count from the end like Python's.
+    """
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != len(out_spatial):
+        raise ConvtoolError(
+            f"the region box {text!r} has {len(parts)} range(s) but the output has "
+            f"{len(out_spatial)} spatial axes {tuple(out_spatial)}; give one 'start:stop' per axis"
+        )
+    mask = torch.zeros(tuple(out_spatial), dtype=torch.bool)
+    index: list[slice] = []
+    for part, size in zip(parts, out_spatial, strict=True):
+        bounds = part.split(":")
+        try:
+            if len(bounds) != 2:
+                raise ValueError
+            lo, hi = (int(b) if b.strip() else None for b in bounds)
+        except ValueError:
+            raise ConvtoolError(
+                f"the region box {text!r} needs 'start:stop' integer ranges, got {part!r}"
+            ) from None
+        start, stop, _ = slice(lo, hi).indices(size)
+        if start >= stop:
+            raise ConvtoolError(
+                f"the region box range {part!r} selects no position of an axis of size {size}"
+            )
+        index.append(slice(start, stop))
+    mask[tuple(index)] = True
+    return mask
+
+
+# ---------------------------------------------------------------------------- index arithmetic
+def _transposed_axis(
+    n: int, m: int, k: int, s: int, d: int, lo: int
+) -> tuple[Tensor, Tensor | None]:
+    """Transposed conv along one axis: input index whose tap j lands on output position q.
+
+    Output `q` (of `n`) receives input `o` (of `m`) through tap `j` when `q = o*s + j*d - lo`.
+    Returns `(n, k)` indices (clamped into range) and the mask of the taps that exist.
+    """
+    num = torch.arange(n, dtype=torch.int64)[:, None] + lo - torch.arange(k)[None, :] * d
+    o = torch.div(num, s, rounding_mode="floor")
+    valid = (num.remainder(s) == 0) & (o >= 0) & (o < m)
+    if bool(valid.all()):
+        return o, None
+    return o.clamp(0, m - 1), valid
+
+
+def _taps(
+    spec: ConvSpec,
+    in_spatial: Sequence[int],
+    out_spatial: Sequence[int],
+    positions: Tensor,
+) -> tuple[Tensor, Tensor | None]:
+    """Per selected output position and kernel tap, the flat input position it reads.
+
+    Args:
+        positions: `(M,)` flat output positions (C order over `out_spatial`).
+
+    Returns:
+        `(M, K)` int64 flat input positions (always inside the input: padding modes are mapped
+        back, taps on zero padding are clamped) and a `(M, K)` bool mask of the taps that read a
+        real value, or None when all do. Tap order is the kernel's C order.
+    """
+    ndim = spec.ndim
+    m_count = positions.numel()
+    flat = torch.zeros((m_count,) + (1,) * ndim, dtype=torch.int64)
+    valid: Tensor | None = None
+    rest = positions
+    in_stride = 1
+    for axis in reversed(range(ndim)):
+        coord = rest.remainder(out_spatial[axis])
+        rest = torch.div(rest, out_spatial[axis], rounding_mode="floor")
+        k, s, d = spec.kernel_size[axis], spec.stride[axis], spec.dilation[axis]
+        lo = spec.pad_pairs[axis][0]
+        if spec.transposed:
+            pos, ok = _transposed_axis(out_spatial[axis], in_spatial[axis], k, s, d, lo)
+        else:
+            pos, ok = _axis_positions(
+                in_spatial[axis], out_spatial[axis], k, s, d, lo, spec.padding_mode
+            )
+        view = [m_count] + [1] * ndim
+        view[1 + axis] = k
+        flat = flat + pos[coord].view(view) * in_stride
+        if ok is not None:
+            okv = ok[coord].view(view)
+            valid = okv if valid is None else valid & okv
+        in_stride *= in_spatial[axis]
+    taps = math.prod(spec.kernel_size)
+    flat = flat.expand(m_count, *spec.kernel_size).reshape(m_count, taps)
+    if valid is not None:
+        valid = valid.expand(m_count, *spec.kernel_size).reshape(m_count, taps)
+    return flat, valid
+
+
+def row_weight(spec: ConvSpec, weight: Tensor) -> Tensor:
+    """The weight as `(C_out, C_in/groups * K)`: row `c` holds what output channel `c` multiplies
+    with input channel `ci` of its group at tap `k`, at column `ci * K + k`.
+
+    For a conv that is `weight.reshape(C_out, -1)`; a transposed conv's weight
+    `(C_in, C_out/groups, *k)` is regrouped (taps are not flipped: :func:`_taps` indexes each tap
+    by where it lands).
+    """
+    taps = math.prod(spec.kernel_size)
+    if not spec.transposed:
+        return weight.reshape(spec.out_channels, -1)
+    g = spec.groups
+    w = weight.reshape(g, spec.in_channels // g, spec.out_channels // g, taps)
+    return w.permute(0, 2, 1, 3).reshape(spec.out_channels, -1)
+
+
+# ---------------------------------------------------------------------------- rows of T
+def region_matrix(
+    spec: ConvSpec,
+    weight: Tensor,
+    input_shape: Sequence[int],
+    mask: Any,
+    *,
+    sparse: bool = False,
+    layout: SparseLayout = "coo",
+) -> Tensor:
+    """The rows of `T` at the masked output positions, built from their own entries only.
+
+    Returns `T[region_rows_for(spec, input_shape, mask)]`, shape `(C_out * M, C_in * P_in)` with
+    `M = mask.sum()`: dense, or torch sparse (COO coalesced, or CSR). The work and memory are
+    proportional to the region's entries (`C_out * M * C_in/groups * K`), never to `T`'s.
+    """
+    if sparse and layout not in ("coo", "csr"):
+        raise ConvtoolError(f"sparse layout must be 'coo' or 'csr', got {layout!r}")
+    weight = _check_weight(spec, weight)
+    sample, out = _shapes(spec, input_shape)
+    pos = region_positions(mask, out[1:])
+    m_count = pos.numel()
+    p_in = math.prod(sample[1:])
+    g = spec.groups
+    cin_g, cout_g = spec.in_channels // g, spec.out_channels // g
+    taps = math.prod(spec.kernel_size)
+    size = (spec.out_channels * m_count, spec.in_channels * p_in)
+
+    # One group's block: entries (row in region, ci * P_in + input position, kernel index).
+    flat, valid = _taps(spec, sample[1:], out[1:], pos)
+    ci = torch.arange(cin_g, dtype=torch.int64).view(1, cin_g, 1)
+    cols = (ci * p_in + flat[:, None, :]).expand(m_count, cin_g, taps)
+    src = (ci * taps + torch.arange(taps).view(1, 1, taps)).expand(m_count, cin_g, taps)
+    rows = torch.arange(m_count, dtype=torch.int64).view(-1, 1, 1).expand(m_count, cin_g, taps)
+    if valid is not None:
+        keep = valid[:, None, :].expand(m_count, cin_g, taps)
+        rows, cols, src = rows[keep], cols[keep], src[keep]
+    else:
+        rows, cols, src = rows.reshape(-1), cols.reshape(-1), src.reshape(-1)
+    # Sort by (row, col) and merge taps a padding map (or nothing, for a transposed conv whose
+    # taps run backwards) put out of order or on one column.
+    key = rows * (cin_g * p_in) + cols
+    uniq, inverse = torch.unique(key, sorted=True, return_inverse=True)
+    w = row_weight(spec, weight)
+    vals = w[:, src]
+    if uniq.numel() != key.numel() or not bool((inverse[1:] > inverse[:-1]).all()):
+        rows, cols = uniq // (cin_g * p_in), uniq % (cin_g * p_in)
+        vals = vals.new_zeros((spec.out_channels, uniq.numel())).index_add_(1, inverse, vals)
+
+    channels = torch.arange(spec.out_channels, dtype=torch.int64)[:, None]
+    all_rows = (channels * m_count + rows).reshape(-1)
+    all_cols = ((channels // cout_g) * (cin_g * p_in) + cols).reshape(-1)
+    vals = vals.reshape(-1)
+    if not sparse:
+        dense = weight.new_zeros(size)
+        dense[all_rows, all_cols] = vals
+        return dense
+    if layout == "csr":
+        counts = torch.bincount(rows, minlength=m_count).repeat(spec.out_channels)
+        crow = torch.zeros(size[0] + 1, dtype=torch.int64)
+        torch.cumsum(counts, 0, out=crow[1:])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "CSR support is in beta"
+            return torch.sparse_csr_tensor(crow, all_cols, vals, size, check_invariants=False)
+    indices = torch.stack([all_rows, all_cols])
+    return torch.sparse_coo_tensor(indices, vals, size, is_coalesced=True, check_invariants=False)
+
+
+# ---------------------------------------------------------------------------- counts
+def _axis_tables(spec: ConvSpec, input_shape: Sequence[int]) -> list[tuple[Tensor, Tensor]]:
+    """Per output axis: `(taps, distinct)` per output coordinate, both `(out_size,)` int64.
+
+    `taps`: kernel taps reading a real value (the multiply-adds); `distinct`: the distinct input
+    positions they read (the non-zeros). Both factor over the axes per output position.
+    """
+    sample, out = _shapes(spec, input_shape)
+    tables = []
+    for axis in range(spec.ndim):
+        n_in, n_out = sample[1 + axis], out[1 + axis]
+        k, s, d = spec.kernel_size[axis], spec.stride[axis], spec.dilation[axis]
+        lo = spec.pad_pairs[axis][0]
+        if spec.transposed:
+            pos, ok = _transposed_axis(n_out, n_in, k, s, d, lo)
+        else:
+            pos, ok = _axis_positions(n_in, n_out, k, s, d, lo, spec.padding_mode)
+        real = torch.ones_like(pos, dtype=torch.bool) if ok is None else ok
+        taps = real.sum(1)
+        key = torch.where(real, pos, -1).sort(1).values
+        distinct = ((key[:, 1:] != key[:, :-1]) & (key[:, 1:] >= 0)).sum(1) + (key[:, 0] >= 0)
+        tables.append((taps, distinct.to(torch.int64)))
+    return tables
+
+
+def region_counts(spec: ConvSpec, input_shape: Sequence[int], mask: Any) -> dict[str, int]:
+    """Sizes of the region form without building it.
+
+    Returns:
+        `positions` (selected output positions), `rows`/`cols` of the region matrix, `nnz`
+        (its structural non-zeros) and `macs` (multiply-adds of one sample at the region:
+        taps reading a real value), from per-axis tables summed over the mask:
+        O(prod(out_spatial)) work.
+    """
+    sample, out = _shapes(spec, input_shape)
+    m = _as_bool_tensor(mask)
+    if tuple(m.shape) != tuple(out[1:]):
+        raise ConvtoolError(
+            f"the region mask has shape {tuple(m.shape)} but the output positions are "
+            f"{tuple(out[1:])} (one boolean per output position)"
+        )
+    m = m.cpu()
+    tables = _axis_tables(spec, input_shape)
+    per_channel = spec.out_channels * (spec.in_channels // spec.groups)
+    totals = []
+    for which in (0, 1):
+        grid = torch.ones((), dtype=torch.int64)
+        for axis, table in enumerate(tables):
+            shape = [1] * spec.ndim
+            shape[axis] = -1
+            grid = grid * table[which].view(shape)
+        totals.append(int(torch.where(m, grid, 0).sum()) * per_channel)
+    positions = int(m.sum())
+    return {
+        "positions": positions,
+        "rows": spec.out_channels * positions,
+        "cols": math.prod(sample),
+        "nnz": totals[1],
+        "macs": totals[0],
+    }
+
+
+# ---------------------------------------------------------------------------- RegionConv
+class RegionConv(nn.Module):
+    """A conv computed only at chosen output positions.
+
+    `RegionConv(conv)(x, mask)` equals `conv(x)` where `mask` is True and `fill` elsewhere. It
+    shares `conv`'s parameters (gradients flow to them). For each selected position it gathers
+    the input values its kernel taps read (padding modes are index maps, zero padding a tap
+    mask: the input is never padded or copied) and multiplies them with the kernel in one GEMM
+    per channel group; the result is scattered into the output. When more than `max_density` of
+    the positions are selected, the full conv plus a mask is faster and is used instead.
+
+    For a transposed conv the mask selects positions of the transposed conv's output.
+
+    Args:
+        layer: `nn.Conv1d/2d/3d` or `nn.ConvTranspose1d/2d/3d`, any hyperparameters.
+        max_density: fraction of selected positions above which the full conv is run and masked.
+    """
+
+    def __init__(self, layer: nn.Module, max_density: float = DEFAULT_MAX_DENSITY) -> None:
+        super().__init__()
+        self.spec = ConvSpec.from_module(layer)
+        if not 0.0 <= max_density <= 1.0:
+            raise ConvtoolError(f"max_density must be in [0, 1], got {max_density!r}")
+        self.layer = layer
+        self.max_density = float(max_density)
+
+    def extra_repr(self) -> str:
+        return f"max_density={self.max_density}"
+
+    def forward(self, x: Tensor, mask: Any, fill: float = 0.0) -> Tensor:
+        """The conv's output at the masked positions, `fill` elsewhere.
+
+        Args:
+            x: `(N, C_in, *spatial)` (or one sample `(C_in, *spatial)`).
+            mask: boolean `(*out_spatial)` shared by the batch, or `(N, *out_spatial)` per sample.
+            fill: value of the unselected outputs.
+
+        Returns:
+            `(N, C_out, *out_spatial)` (no batch dim if `x` had none).
+        """
+        spec = self.spec
+        if x.dim() == spec.ndim + 1:
+            return self.forward(x[None], mask, fill)[0]
+        if x.dim() != spec.ndim + 2:
+            raise ConvtoolError(
+                f"{spec.kind} expects an input (N, C_in, *spatial) with {spec.ndim + 2} dims, got "
+                f"shape {tuple(x.shape)}"
+            )
+        sample = spec.checked_sample(tuple(x.shape))
+        out = spec.output_shape(sample)
+        out_sp = out[1:]
+        n = x.shape[0]
+        m = _as_bool_tensor(mask)
+        if tuple(m.shape) == tuple(out_sp):
+            shared = True
+        elif tuple(m.shape) == (n, *out_sp):
+            shared = False
+        else:
+            raise ConvtoolError(
+                f"the region mask has shape {tuple(m.shape)} but the output positions are "
+                f"{tuple(out_sp)} (shared by the batch) or {(n, *out_sp)} (per sample)"
+            )
+        m = m.to(x.device)
+        selected = int(m.sum())
+        weight: Tensor = self.layer.weight
+        bias: Tensor | None = self.layer.bias
+        if selected > self.max_density * m.numel():
+            full = self.layer(x)
+            keep = m if not shared else m[None]
+            return torch.where(keep[:, None], full, torch.full((), fill, dtype=full.dtype))
+        p_in, p_out = math.prod(sample[1:]), math.prod(out_sp)
+        g = spec.groups
+        cin_g, cout_g = spec.in_channels // g, spec.out_channels // g
+        taps = math.prod(spec.kernel_size)
+        w = row_weight(spec, weight)
+        xf = x.reshape(n, spec.in_channels, p_in)
+        result = x.new_full((n, spec.out_channels, p_out), fill)
+        if selected == 0:
+            return result.view(n, *out)
+        if shared:
+            pos = m.reshape(-1).nonzero().reshape(-1).cpu()
+            flat, valid = _taps(spec, sample[1:], out_sp, pos)
+            idx = flat.t().reshape(-1).to(x.device)  # (K * M,): tap-major
+            cols = xf.index_select(2, idx).view(n, spec.in_channels, taps, selected)
+            if valid is not None:
+                cols = cols * valid.t().to(device=x.device, dtype=x.dtype)
+            cols = cols.view(n, g, cin_g * taps, selected)
+            vals = torch.matmul(w.view(g, cout_g, cin_g * taps), cols)
+            vals = vals.reshape(n, spec.out_channels, selected)
+            if bias is not None:
+                vals = vals + bias[:, None]
+            return result.index_copy(2, pos.to(x.device), vals).view(n, *out)
+        nz = m.reshape(n, p_out).nonzero().cpu()
+        sample_idx, pos = nz[:, 0], nz[:, 1]
+        flat, valid = _taps(spec, sample[1:], out_sp, pos)
+        # (M, K, C_in): the advanced indices come first, the channel slice last.
+        sidx = sample_idx.to(x.device)
+        cols = xf[sidx[:, None], :, flat.to(x.device)]
+        if valid is not None:
+            cols = cols * valid[:, :, None].to(device=x.device, dtype=x.dtype)
+        cols = cols.view(selected, taps, g, cin_g).permute(2, 0, 3, 1)
+        cols = cols.reshape(g, selected, cin_g * taps)
+        vals = torch.matmul(cols, w.view(g, cout_g, cin_g * taps).transpose(1, 2))
+        vals = vals.permute(1, 0, 2).reshape(selected, spec.out_channels)
+        if bias is not None:
+            vals = vals + bias
+        result[sidx, :, pos.to(x.device)] = vals  # a fresh tensor: autograd records the write
+        return result.view(n, *out)
+
+
+# ---------------------------------------------------------------------------- channel sums
+def channel_sum_conv(
+    filter: Tensor,
+    *,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] | str = 0,
+    dilation: int | Sequence[int] = 1,
+    padding_mode: str = "zeros",
+) -> nn.Module:
+    """The per-window channel-sum op as an exact conv.
+
+    For each window of the input and each kernel tap `k`, `sum_c filter[c, k] * window[c, k]`:
+    the filter is multiplied elementwise with the window and summed over the channels only,
+    giving `K = prod(kernel)` values per window. That is a conv with `K` output channels whose
+    weight is `weight[k, c, j] = filter[c, j] if j == k else 0`, so every convtool form, count
+    and check applies to it.
+
+    Args:
+        filter: `(C, kh, kw)` (or `(C, k)` / `(C, kd, kh, kw)` for 1-d / 3-d windows).
+        stride, padding, dilation, padding_mode: the windows, as for `nn.Conv2d`.
+
+    Returns:
+        `nn.Conv{1,2,3}d(C, K, kernel, bias=False)`; output `(N, K, *out_spatial)`, channel
+        `k` the tap in the kernel's C order (`i * kw + j` in 2-d).
+    """
+    if not isinstance(filter, Tensor) or not filter.is_floating_point():
+        raise ConvtoolError("filter must be a floating-point tensor (C, kh, kw)")
+    if filter.dim() not in (2, 3, 4):
+        raise ConvtoolError(
+            f"filter must have shape (C, kh, kw) (or (C, k) / (C, kd, kh, kw)), got "
+            f"{tuple(filter.shape)}"
+        )
+    channels, kernel = filter.shape[0], tuple(filter.shape[1:])
+    taps = math.prod(kernel)
+    spec = ConvSpec.create(
+        ndim=len(kernel),
+        in_channels=channels,
+        out_channels=taps,
+        kernel_size=kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        padding_mode=padding_mode,
+        bias=False,
+    )
+    flat = filter.detach().reshape(channels, taps)
+    eye = torch.eye(taps, dtype=filter.dtype, device=filter.device)
+    weight = (eye[:, None, :] * flat[None, :, :]).reshape(taps, channels, *kernel)
+    return build_conv(spec, weight.contiguous(), None)
+
+
+__all__ = [
+    "RegionConv",
+    "channel_sum_conv",
+    "parse_box",
+    "region_counts",
+    "region_matrix",
+    "region_positions",
+    "region_rows",
+    "region_rows_for",
+]
