@@ -402,45 +402,79 @@ class RegionConv(nn.Module):
         if selected > self.max_density * m.numel():
             full = self.layer(x)
             keep = m if not shared else m[None]
-            return torch.where(keep[:, None], full, torch.full((), fill, dtype=full.dtype))
-        p_in, p_out = math.prod(sample[1:]), math.prod(out_sp)
-        g = spec.groups
-        cin_g, cout_g = spec.in_channels // g, spec.out_channels // g
-        taps = math.prod(spec.kernel_size)
-        w = row_weight(spec, weight)
-        xf = x.reshape(n, spec.in_channels, p_in)
-        result = x.new_full((n, spec.out_channels, p_out), fill)
-        if selected == 0:
-            return result.view(n, *out)
-        if shared:
-            pos = m.reshape(-1).nonzero().reshape(-1).cpu()
-            flat, valid = _taps(spec, sample[1:], out_sp, pos)
-            idx = flat.t().reshape(-1).to(x.device)  # (K * M,): tap-major
-            cols = xf.index_select(2, idx).view(n, spec.in_channels, taps, selected)
-            if valid is not None:
-                cols = cols * valid.t().to(device=x.device, dtype=x.dtype)
-            cols = cols.view(n, g, cin_g * taps, selected)
-            vals = torch.matmul(w.view(g, cout_g, cin_g * taps), cols)
-            vals = vals.reshape(n, spec.out_channels, selected)
-            if bias is not None:
-                vals = vals + bias[:, None]
-            return result.index_copy(2, pos.to(x.device), vals).view(n, *out)
-        nz = m.reshape(n, p_out).nonzero().cpu()
-        sample_idx, pos = nz[:, 0], nz[:, 1]
-        flat, valid = _taps(spec, sample[1:], out_sp, pos)
-        # (M, K, C_in): the advanced indices come first, the channel slice last.
-        sidx = sample_idx.to(x.device)
-        cols = xf[sidx[:, None], :, flat.to(x.device)]
+            return torch.where(keep[:, None], full, full.new_full((), fill))
+        return _gather_gemm(spec, x, m, shared, weight, bias, fill, out)
+
+
+def _gather_gemm(
+    spec: ConvSpec,
+    x: Tensor,
+    mask: Tensor,
+    shared: bool,
+    weight: Tensor,
+    bias: Tensor | None,
+    fill: float,
+    out: tuple[int, ...],
+) -> Tensor:
+    """RegionConv's sparse path: gather the taps of the selected positions, one batched GEMM,
+    scatter into a `fill`ed output.
+
+    Per-sample masks are padded to the largest sample's count with a dummy position whose
+    results go to one spare element past the output (dropped by a prefix view, so nothing is
+    copied and no gradient reaches it). `torch.gather` along the contiguous last axis with an
+    index broadcast over channels is the fastest gather from `(N, C, P)` here (index_select along
+    that axis is several times slower, and a channels-last copy costs a pass over the input).
+    """
+    n, c_in = x.shape[0], spec.in_channels
+    in_sp, out_sp = tuple(x.shape[2:]), out[1:]
+    p_in, p_out = math.prod(in_sp), math.prod(out_sp)
+    g = spec.groups
+    cin_g, cout_g = c_in // g, spec.out_channels // g
+    taps = math.prod(spec.kernel_size)
+    dev = x.device
+    if shared:
+        pos = mask.reshape(-1).nonzero().reshape(-1).cpu()
+        count = pos.numel()
+        flat, valid = _taps(spec, in_sp, out_sp, pos)
+        index = flat.t().reshape(1, 1, -1).expand(n, c_in, taps * count)
+        scale = None if valid is None else valid.t().reshape(1, 1, taps, count)
+        dest = pos[None, :].expand(n, count)
+        real: Tensor | None = None
+    else:
+        rows = mask.reshape(n, p_out)
+        counts = rows.sum(1).cpu()
+        count = int(counts.max())
+        # Stable sort puts each sample's selected positions first, in ascending order.
+        order = torch.sort(rows.to(torch.uint8), dim=1, descending=True, stable=True).indices
+        dest = order[:, :count].cpu()
+        real = torch.arange(count)[None, :] < counts[:, None]
+        flat, valid = _taps(spec, in_sp, out_sp, dest.reshape(-1))
+        flat = flat.view(n, count, taps)
+        index = flat.transpose(1, 2).reshape(n, 1, taps * count).expand(n, c_in, taps * count)
+        scale = None
         if valid is not None:
-            cols = cols * valid[:, :, None].to(device=x.device, dtype=x.dtype)
-        cols = cols.view(selected, taps, g, cin_g).permute(2, 0, 3, 1)
-        cols = cols.reshape(g, selected, cin_g * taps)
-        vals = torch.matmul(cols, w.view(g, cout_g, cin_g * taps).transpose(1, 2))
-        vals = vals.permute(1, 0, 2).reshape(selected, spec.out_channels)
-        if bias is not None:
-            vals = vals + bias
-        result[sidx, :, pos.to(x.device)] = vals  # a fresh tensor: autograd records the write
-        return result.view(n, *out)
+            scale = valid.view(n, count, taps).transpose(1, 2).reshape(n, 1, taps, count)
+    cols = torch.gather(x.reshape(n, c_in, p_in), 2, index.to(dev))
+    cols = cols.view(n, c_in, taps, count)
+    if scale is not None:
+        cols = cols * scale.to(device=dev, dtype=x.dtype)
+    w = row_weight(spec, weight).view(g, cout_g, cin_g * taps)
+    vals = torch.matmul(w, cols.view(n, g, cin_g * taps, count))
+    vals = vals.reshape(n, spec.out_channels, count)
+    if bias is not None:
+        vals = vals + bias[:, None]
+    total = n * spec.out_channels * p_out
+    target = (
+        torch.arange(n)[:, None, None] * (spec.out_channels * p_out)
+        + torch.arange(spec.out_channels)[None, :, None] * p_out
+        + dest[:, None, :]
+    )
+    if real is not None:
+        target = torch.where(real[:, None, :], target, total)
+    result = x.new_full((total + 1,), fill)
+    # In place: `result` is fresh and needs no gradient, and a copy would double the cost.
+    result.index_copy_(0, target.reshape(-1).to(dev), vals.reshape(-1))
+    return result[:total].view(n, *out)
 
 
 # ---------------------------------------------------------------------------- channel sums
