@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from convtool.errors import ConvtoolError
@@ -32,10 +33,6 @@ from convtool.matrices import _axis_positions, _check_weight
 from convtool.spec import ConvSpec, build_conv
 
 SparseLayout = Literal["coo", "csr"]
-
-# Above this fraction of selected output positions RegionConv runs the full conv and masks it:
-# measured with benchmarks/region.py (the gather + GEMM path stops paying off around there).
-DEFAULT_MAX_DENSITY = 0.35
 
 
 # ---------------------------------------------------------------------------- masks
@@ -334,33 +331,52 @@ def region_counts(spec: ConvSpec, input_shape: Sequence[int], mask: Any) -> dict
 
 
 # ---------------------------------------------------------------------------- RegionConv
+Method = Literal["auto", "gather", "tiles", "full"]
+METHODS = ("auto", "gather", "tiles", "full")
+
+
 class RegionConv(nn.Module):
     """A conv computed only at chosen output positions.
 
     `RegionConv(conv)(x, mask)` equals `conv(x)` where `mask` is True and `fill` elsewhere. It
-    shares `conv`'s parameters (gradients flow to them). For each selected position it gathers
-    the input values its kernel taps read (padding modes are index maps, zero padding a tap
-    mask: the input is never padded or copied) and multiplies them with the kernel in one GEMM
-    per channel group; the result is scattered into the output. When more than `max_density` of
-    the positions are selected, the full conv plus a mask is faster and is used instead.
+    shares `conv`'s parameters (gradients flow to them). Three ways to compute it:
+
+    - `'gather'`: for each selected position gather the input values its kernel taps read
+      (padding modes are index maps and zero padding a tap mask, so the input is never padded or
+      copied), one GEMM per channel group (masked convs, as in mmcv), scatter into the output.
+      Its cost follows the selected positions exactly, at im2col's price per position.
+    - `'tiles'`: cover the selected positions with small output tiles, gather each active
+      tile's input window (with its halo) from the padded input, run the layer's own conv on
+      the stack of windows, and scatter the tiles back (SBNet's gather/scatter over active
+      blocks). Cheaper per position than `'gather'` when the region is made of blobs or boxes;
+      not available for transposed convs.
+    - `'full'`: the full conv, then the mask.
+
+    `'auto'` (the default) picks the one a cost model (fitted on `benchmarks/region.py`) expects
+    to be fastest for each call's mask.
 
     For a transposed conv the mask selects positions of the transposed conv's output.
 
     Args:
         layer: `nn.Conv1d/2d/3d` or `nn.ConvTranspose1d/2d/3d`, any hyperparameters.
-        max_density: fraction of selected positions above which the full conv is run and masked.
+        method: 'auto', 'gather', 'tiles' or 'full'.
     """
 
-    def __init__(self, layer: nn.Module, max_density: float = DEFAULT_MAX_DENSITY) -> None:
+    def __init__(self, layer: nn.Module, method: Method = "auto") -> None:
         super().__init__()
         self.spec = ConvSpec.from_module(layer)
-        if not 0.0 <= max_density <= 1.0:
-            raise ConvtoolError(f"max_density must be in [0, 1], got {max_density!r}")
+        if method not in METHODS:
+            raise ConvtoolError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        if method == "tiles" and self.spec.transposed:
+            raise ConvtoolError(
+                "method='tiles' is not available for transposed convs; use 'gather' or 'auto'"
+            )
         self.layer = layer
-        self.max_density = float(max_density)
+        self.method: str = method
+        self.last_method: str | None = None  # what the latest call ran, for benchmarks and tests
 
     def extra_repr(self) -> str:
-        return f"max_density={self.max_density}"
+        return f"method={self.method!r}"
 
     def forward(self, x: Tensor, mask: Any, fill: float = 0.0) -> Tensor:
         """The conv's output at the masked positions, `fill` elsewhere.
@@ -396,14 +412,166 @@ class RegionConv(nn.Module):
                 f"{tuple(out_sp)} (shared by the batch) or {(n, *out_sp)} (per sample)"
             )
         m = m.to(x.device)
-        selected = int(m.sum())
         weight: Tensor = self.layer.weight
         bias: Tensor | None = self.layer.bias
-        if selected > self.max_density * m.numel():
+        method = self.method
+        tiles: _Tiles | None = None
+        if method in ("auto", "tiles") and not spec.transposed:
+            tiles = _Tiles.cover(spec, m if not shared else m[None])
+        if method == "auto":
+            method = _choose(spec, m, tiles)
+        self.last_method = method
+        if method == "full":
             full = self.layer(x)
             keep = m if not shared else m[None]
             return torch.where(keep[:, None], full, full.new_full((), fill))
+        if method == "tiles":
+            assert tiles is not None
+            return _tiled(spec, x, tiles, shared, weight, bias, fill, out)
         return _gather_gemm(spec, x, m, shared, weight, bias, fill, out)
+
+
+# Cost model of 'auto', in units of the full conv's time, fitted on benchmarks/region.py
+# (Conv2d 3x3, 3->64 and 64->64, 128^2 and 256^2, N = 1 and 8, one thread): the gather path
+# costs about GATHER_COST x the selected fraction, the tile path TILE_COST x the fraction of
+# positions its tiles cover (halo included) plus a pass over the input for the padding.
+GATHER_COST = 4.0
+TILE_COST = 1.3
+TILE_FIXED = 0.04
+
+
+def _choose(spec: ConvSpec, mask: Tensor, tiles: _Tiles | None) -> str:
+    density = float(mask.sum()) / max(1, mask.numel())
+    costs = {"full": 1.0, "gather": GATHER_COST * density}
+    if tiles is not None:
+        costs["tiles"] = TILE_COST * tiles.coverage + TILE_FIXED
+    return min(costs, key=lambda k: costs[k])
+
+
+class _Tiles:
+    """Active output tiles of a mask `(B, *out_spatial)` (B = 1 for a shared mask).
+
+    Attributes:
+        size: tile extent per axis; counts: tiles per axis (the last ones may overhang).
+        index: `(T, 1 + D)` int64 (mask sample, tile coordinates) of the active tiles.
+        inside: `(T, *size)` bool, the mask inside each active tile.
+        coverage: fraction of output positions inside active tiles, halo included.
+    """
+
+    def __init__(
+        self,
+        size: tuple[int, ...],
+        counts: tuple[int, ...],
+        index: Tensor,
+        inside: Tensor,
+        coverage: float,
+    ) -> None:
+        self.size, self.counts, self.index, self.inside = size, counts, index, inside
+        self.coverage = coverage
+
+    @staticmethod
+    def tile_size(spec: ConvSpec) -> tuple[int, ...]:
+        # About 64 (1-d), 8x8 (2-d) or 4x4x4 (3-d) outputs: a halo of a few rows stays cheap and
+        # the cover stays close to the mask.
+        side = {1: 64, 2: 8, 3: 4}[spec.ndim]
+        return (side,) * spec.ndim
+
+    @classmethod
+    def cover(cls, spec: ConvSpec, mask: Tensor) -> _Tiles:
+        size = cls.tile_size(spec)
+        out_sp = tuple(mask.shape[1:])
+        counts = tuple(-(-o // t) for o, t in zip(out_sp, size, strict=True))
+        pads: list[int] = []
+        for o, t, c in zip(reversed(out_sp), reversed(size), reversed(counts), strict=True):
+            pads += [0, c * t - o]
+        padded = F.pad(mask, pads) if any(pads) else mask
+        split: list[int] = [mask.shape[0]]
+        for c, t in zip(counts, size, strict=True):
+            split += [c, t]
+        blocks = padded.reshape(split)
+        ndim = spec.ndim
+        perm = [0] + [1 + 2 * a for a in range(ndim)] + [2 + 2 * a for a in range(ndim)]
+        blocks = blocks.permute(perm)  # (B, *counts, *size)
+        active = blocks.flatten(1 + ndim).any(-1)
+        index = active.nonzero()
+        inside = blocks[tuple(index.t())]
+        halo = 1.0
+        for t, k, s, d in zip(size, spec.kernel_size, spec.stride, spec.dilation, strict=True):
+            halo *= ((t - 1) * s + (k - 1) * d + 1) / (t * s)
+        total = mask.shape[0] * math.prod(out_sp)
+        coverage = index.shape[0] * math.prod(size) * halo / max(1, total)
+        return cls(size, counts, index, inside, coverage)
+
+
+def _tiled(
+    spec: ConvSpec,
+    x: Tensor,
+    tiles: _Tiles,
+    shared: bool,
+    weight: Tensor,
+    bias: Tensor | None,
+    fill: float,
+    out: tuple[int, ...],
+) -> Tensor:
+    """RegionConv's tile path (see :class:`RegionConv`)."""
+    n, ndim = x.shape[0], spec.ndim
+    size, counts = tiles.size, tiles.counts
+    index, inside = tiles.index, tiles.inside
+    if shared:  # every sample gets the same tiles
+        a = index.shape[0]
+        index = torch.cat(
+            [torch.arange(n).repeat_interleave(a)[:, None], index[:, 1:].repeat(n, 1)], 1
+        )
+        inside = inside.repeat(n, *([1] * ndim))
+    # Pad once as the layer does, plus zeros past the end so that every tile has its window.
+    lo_hi = spec.pad_pairs
+    window = [(t - 1) * s + (k - 1) * d + 1 for t, k, s, d in zip(
+        size, spec.kernel_size, spec.stride, spec.dilation, strict=True
+    )]
+    extra = [
+        max(0, (c - 1) * t * s + w - (n_in + lo + hi))
+        for c, t, s, w, n_in, (lo, hi) in zip(
+            counts, size, spec.stride, window, x.shape[2:], lo_hi, strict=True
+        )
+    ]
+    pads: list[int] = []
+    for lo, hi in reversed(lo_hi):
+        pads += [lo, hi]
+    if spec.padding_mode == "zeros":
+        tail = [p + e for p, e in zip(pads, _interleave(extra), strict=True)]
+        xp = F.pad(x, tail) if any(tail) else x
+    else:
+        xp = F.pad(x, pads, mode=spec.padding_mode)
+        if any(extra):
+            xp = F.pad(xp, _interleave(extra))
+    view = xp
+    for axis in range(ndim):
+        view = view.unfold(2 + axis, window[axis], size[axis] * spec.stride[axis])
+    # view: (N, C_in, *tile counts, *window); the advanced indices come first.
+    patches = view[(index[:, 0], slice(None), *index[:, 1:].t())]
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[ndim]
+    vals = conv(patches, weight, bias, spec.stride, 0, spec.dilation, spec.groups)
+    vals = torch.where(inside[:, None], vals, vals.new_full((), fill))
+    full_sp = [c * t for c, t in zip(counts, size, strict=True)]
+    result = x.new_full((n, spec.out_channels, *full_sp), fill)
+    split: list[int] = [n, spec.out_channels]
+    for c, t in zip(counts, size, strict=True):
+        split += [c, t]
+    perm = [0] + [2 + 2 * a for a in range(ndim)] + [1] + [3 + 2 * a for a in range(ndim)]
+    blocks = result.view(split).permute(perm)  # (N, *counts, C_out, *size), a view
+    blocks[tuple(index.t())] = vals  # a fresh tensor: autograd records the write
+    if tuple(full_sp) != tuple(out[1:]):
+        crop = (slice(None), slice(None), *(slice(0, o) for o in out[1:]))
+        result = result[crop].contiguous()
+    return result
+
+
+def _interleave(extra: Sequence[int]) -> list[int]:
+    """F.pad's (last axis first) list padding only the far side of each axis by `extra`."""
+    pads: list[int] = []
+    for e in reversed(extra):
+        pads += [0, e]
+    return pads
 
 
 def _gather_gemm(

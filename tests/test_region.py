@@ -30,6 +30,7 @@ def _float64() -> Iterator[None]:
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+CONV_T_TYPES = tuple(CONV_T.values())
 MODES = ("zeros", "reflect", "replicate", "circular")
 
 
@@ -78,8 +79,9 @@ def check_region_conv(layer: nn.Module, shape: tuple[int, ...], mask: torch.Tens
     x = torch.randn(n, *shape, requires_grad=True)
     y = layer(x)
     keep = (mask if mask.dim() == y.dim() - 1 else mask[None])[:, None].expand_as(y)
-    for max_density in (1.0, 0.0):  # the gather + GEMM path, then the full-conv fallback
-        z = RegionConv(layer, max_density=max_density)(x, mask, fill=-3.0)
+    methods = ["gather", "full", "auto"] + ([] if isinstance(layer, CONV_T_TYPES) else ["tiles"])
+    for method in methods:
+        z = RegionConv(layer, method=method)(x, mask, fill=-3.0)
         assert z.shape == y.shape
         torch.testing.assert_close(z[keep], y[keep], rtol=1e-12, atol=1e-12)
         assert bool((z[~keep] == -3.0).all())
@@ -240,8 +242,10 @@ def test_bad_masks_are_refused() -> None:
         toeplitz(layer, (3, 8, 8), rows=torch.ones(6, 6))
     with pytest.raises(ConvtoolError, match="per sample"):
         RegionConv(layer)(torch.randn(2, 3, 8, 8), torch.ones(3, 6, 6, dtype=torch.bool))
-    with pytest.raises(ConvtoolError, match="max_density"):
-        RegionConv(layer, max_density=2.0)
+    with pytest.raises(ConvtoolError, match="method must be one of"):
+        RegionConv(layer, method="fast")  # type: ignore[arg-type]
+    with pytest.raises(ConvtoolError, match="transposed"):
+        RegionConv(nn.ConvTranspose2d(3, 4, 3), method="tiles")
     with pytest.raises(ConvtoolError):
         RegionConv(nn.Linear(3, 4))
 
@@ -283,3 +287,26 @@ def test_channel_sum_conv_refuses_bad_filters() -> None:
         channel_sum_conv(torch.randn(3))
     with pytest.raises(ConvtoolError, match="floating-point"):
         channel_sum_conv(torch.ones(2, 3, 3, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "ndim,spatial", [(1, (150,)), (2, (21, 19)), (3, (9, 10, 7))]
+)
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(kernel_size=3, stride=2, padding=2, dilation=2, groups=2),
+        dict(kernel_size=(2, 3, 3), stride=(1, 3, 1), padding=(1, 0, 1), groups=1),
+    ],
+)
+def test_many_tiles(mode: str, ndim: int, spatial: tuple[int, ...], cfg: dict) -> None:
+    """Inputs spanning several tiles per axis, regions hitting some of them partially."""
+    torch.manual_seed(ndim)
+    layer = CONV[ndim](4, 6, padding_mode=mode, **_cut(cfg, ndim))
+    shape = (4, *spatial)
+    out = out_spatial(layer, shape)
+    blob = torch.zeros(out, dtype=torch.bool)
+    blob[tuple(slice(o // 3, o // 3 + 3) for o in out)] = True
+    check_region_conv(layer, shape, blob | (torch.rand(out) < 0.05))
+    check_region_conv(layer, shape, torch.rand(2, *out) < 0.1)
