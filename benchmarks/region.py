@@ -2,15 +2,17 @@
 
 For Conv2d 3->64 and 64->64 (3x3, padding 1) at 128x128 and 256x256, batch 1 and 8, and two
 kinds of region (random blobs, one centred box) covering 1%, 5%, 10%, 25% and 50% of the output
-positions, prints the forward time of `nn.Conv2d` on the full input divided by:
+positions, prints the forward time of `nn.Conv2d` on the full input divided by the time of:
 
-- `RegionConv` as shipped (gather + GEMM below its density threshold, full conv + mask above);
-- the gather + GEMM path alone (`max_density=1`), whose ratio crossing 1 is the crossover
-  density printed per case (the shipped threshold should sit below the smallest of them).
+- `RegionConv(conv, method='gather')`: per-position gather + GEMM;
+- `RegionConv(conv, method='tiles')`: active 8x8 tiles through the conv (SBNet-style);
+- `RegionConv(conv)` as shipped ('auto': its cost model picks one of them or the full conv).
 
-Targets: >= 4x at 10%, >= 15x at 1%, and never more than 1.3x slower (ratio >= 0.77) at 50%.
-Forward only, under `torch.no_grad()`, best of `--repeat` calls. Single-threaded by default
-(`--threads`): on a shared machine that keeps both sides' timings comparable.
+Per case it prints the crossover density where the best region path stops beating the conv.
+Targets for the shipped module: >= 4x at 10%, >= 15x at 1%, never more than 1.3x slower
+(ratio >= 0.77) at 50%. Forward only, under `torch.no_grad()`. Each region time is paired with
+a conv time measured right next to it (best of `--repeat` pairs), so load from other processes
+affects both sides alike. Single-threaded by default (`--threads`).
 
 Run: python benchmarks/region.py [--repeat 3] [--threads 1] [--quick]
 """
@@ -31,15 +33,21 @@ from convtool import RegionConv
 DENSITIES = (0.01, 0.05, 0.10, 0.25, 0.50)
 
 
-def best_time(fn: Callable[[], object], repeat: int) -> float:
+def paired(
+    base: Callable[[], object], fn: Callable[[], object], repeat: int
+) -> tuple[float, float]:
+    """Best-of-`repeat` times of `base` and `fn`, measured alternately."""
     fn()  # warm-up: allocator, kernels
-    times = []
+    tb, tf = [], []
     for _ in range(repeat):
         gc.collect()
         start = time.perf_counter()
+        base()
+        tb.append(time.perf_counter() - start)
+        start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        tf.append(time.perf_counter() - start)
+    return min(tb), min(tf)
 
 
 def blobs(size: int, density: float, seed: int) -> torch.Tensor:
@@ -82,42 +90,53 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     sizes = (128,) if args.quick else (128, 256)
-    print(f"threads={torch.get_num_threads()}  repeat={args.repeat}  (ratio = conv time / region)")
-    header = f"{'layer':>9} {'HxW':>7} {'N':>2} {'region':>6} {'dens':>5} {'conv ms':>8}"
-    print(header + f" {'region ms':>9} {'shipped':>8} {'gather':>7}")
+    print(f"threads={torch.get_num_threads()} repeat={args.repeat}; ratio = conv time / time")
+    print(
+        f"{'layer':>12} {'HxW':>7} {'N':>2} {'region':>6} {'dens':>4} {'conv ms':>8} "
+        f"{'gather':>7} {'tiles':>7} {'shipped':>8} {'(picks)':>8}"
+    )
     summary: dict[float, list[float]] = {d: [] for d in DENSITIES}
     started = time.perf_counter()
     for c_in in (3, 64):
         conv = nn.Conv2d(c_in, 64, 3, padding=1)
-        shipped, gather = RegionConv(conv), RegionConv(conv, max_density=1.0)
+        modules = {m: RegionConv(conv, method=m) for m in ("gather", "tiles", "full")}
+        shipped = RegionConv(conv)
         for size in sizes:
             for n in (1, 8):
                 x = torch.randn(n, c_in, size, size)
-                with torch.no_grad():
-                    full = best_time(lambda: conv(x), args.repeat)
-                    for kind in ("blobs", "box"):
-                        points = []
-                        for d in DENSITIES:
-                            mask = blobs(size, d, seed=int(d * 1000)) if kind == "blobs" else box(
-                                size, d
-                            )
-                            t_gather = best_time(lambda m=mask: gather(x, m), args.repeat)
-                            t_ship = t_gather
-                            if d > shipped.max_density:
-                                t_ship = best_time(lambda m=mask: shipped(x, m), args.repeat)
-                            points.append((d, full / t_gather))
-                            summary[d].append(full / t_ship)
-                            print(
-                                f"{c_in:>3}->64 3x3 {size:>3}x{size:<3} {n:>2} {kind:>6} "
-                                f"{d:>5.0%} {full * 1e3:>8.2f} {t_ship * 1e3:>9.2f} "
-                                f"{full / t_ship:>7.2f}x {full / t_gather:>6.2f}x"
-                            )
-                        print(f"{'':>30} crossover density (gather path): {crossover(points)}")
-    print("\nshipped RegionConv speed-up over nn.Conv2d, min / median / max over all cases:")
-    for d, ratios in summary.items():
-        r = torch.tensor(ratios)
+                for kind in ("blobs", "box"):
+                    points = []
+                    for d in DENSITIES:
+                        mask = blobs(size, d, int(d * 1000)) if kind == "blobs" else box(size, d)
+                        ratios: dict[str, float] = {}
+                        conv_ms = []
+                        with torch.no_grad():
+                            shipped(x, mask)
+                            picked = shipped.last_method or "?"
+                            for name, module in modules.items():
+                                if name == "full" and picked != "full":
+                                    continue
+                                t_conv, t = paired(
+                                    lambda: conv(x),
+                                    lambda mod=module, m=mask: mod(x, m),
+                                    args.repeat,
+                                )
+                                ratios[name] = t_conv / t
+                                conv_ms.append(t_conv * 1e3)
+                        best = max(ratios["gather"], ratios["tiles"])
+                        points.append((d, best))
+                        summary[d].append(ratios[picked])
+                        print(
+                            f"{c_in:>5}->64 3x3 {size:>3}x{size:<3} {n:>2} {kind:>6} {d:>4.0%} "
+                            f"{min(conv_ms):>8.2f} {ratios['gather']:>6.2f}x "
+                            f"{ratios['tiles']:>6.2f}x {ratios[picked]:>7.2f}x {picked:>8}"
+                        )
+                    print(f"{'':>30} crossover density (best region path): {crossover(points)}")
+    print("\nshipped RegionConv speed-up over nn.Conv2d, min / median / max over the cases:")
+    for d, values in summary.items():
+        r = torch.tensor(values)
         print(f"  {d:>4.0%}: {r.min():6.2f}x {r.median():6.2f}x {r.max():6.2f}x")
-    print(f"(threshold max_density={shipped.max_density}; {time.perf_counter() - started:.0f} s)")
+    print(f"({time.perf_counter() - started:.0f} s)")
 
 
 if __name__ == "__main__":

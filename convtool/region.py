@@ -517,41 +517,55 @@ def _tiled(
     n, ndim = x.shape[0], spec.ndim
     size, counts = tiles.size, tiles.counts
     index, inside = tiles.index, tiles.inside
+    if index.shape[0] == 0:
+        return x.new_full((n, *out), fill)
     if shared:  # every sample gets the same tiles
         a = index.shape[0]
         index = torch.cat(
             [torch.arange(n).repeat_interleave(a)[:, None], index[:, 1:].repeat(n, 1)], 1
         )
         inside = inside.repeat(n, *([1] * ndim))
-    # Pad once as the layer does, plus zeros past the end so that every tile has its window.
-    lo_hi = spec.pad_pairs
-    window = [(t - 1) * s + (k - 1) * d + 1 for t, k, s, d in zip(
-        size, spec.kernel_size, spec.stride, spec.dilation, strict=True
-    )]
-    extra = [
-        max(0, (c - 1) * t * s + w - (n_in + lo + hi))
-        for c, t, s, w, n_in, (lo, hi) in zip(
-            counts, size, spec.stride, window, x.shape[2:], lo_hi, strict=True
-        )
+    # Each tile's input window, through the padding map: per axis, window element w of tile c
+    # reads padded position c * t * s + w, i.e. input c * t * s + w - lo (mapped back, or
+    # reading zero padding). Positions past the end only feed outputs past the end: clamped.
+    in_sp = tuple(x.shape[2:])
+    window = [
+        (t - 1) * s + (k - 1) * d + 1
+        for t, k, s, d in zip(size, spec.kernel_size, spec.stride, spec.dilation, strict=True)
     ]
-    pads: list[int] = []
-    for lo, hi in reversed(lo_hi):
-        pads += [lo, hi]
-    if spec.padding_mode == "zeros":
-        tail = [p + e for p, e in zip(pads, _interleave(extra), strict=True)]
-        xp = F.pad(x, tail) if any(tail) else x
-    else:
-        xp = F.pad(x, pads, mode=spec.padding_mode)
-        if any(extra):
-            xp = F.pad(xp, _interleave(extra))
-    view = xp
-    for axis in range(ndim):
-        view = view.unfold(2 + axis, window[axis], size[axis] * spec.stride[axis])
-    # view: (N, C_in, *tile counts, *window); the advanced indices come first.
-    patches = view[(index[:, 0], slice(None), *index[:, 1:].t())]
+    a = index.shape[0]
+    flat = torch.zeros((a,) + (1,) * ndim, dtype=torch.int64)
+    valid: Tensor | None = None
+    in_stride = 1
+    for axis in reversed(range(ndim)):
+        pos, ok = _axis_positions(
+            in_sp[axis],
+            counts[axis],
+            window[axis],
+            size[axis] * spec.stride[axis],
+            1,
+            spec.pad_pairs[axis][0],
+            spec.padding_mode,
+        )
+        pos = pos.clamp(0, in_sp[axis] - 1)
+        shape = [a] + [1] * ndim
+        shape[1 + axis] = window[axis]
+        flat = flat + pos[index[:, 1 + axis]].view(shape) * in_stride
+        if ok is not None:
+            okv = ok[index[:, 1 + axis]].view(shape)
+            valid = okv if valid is None else valid & okv
+        in_stride *= in_sp[axis]
+    wvol = math.prod(window)
+    flat = flat.expand(a, *window).reshape(a, wvol)
+    # (T, window, C_in): channels last, which the conv takes as it is (no copy).
+    dev = x.device
+    patches = x.reshape(n, spec.in_channels, -1)[index[:, :1].to(dev), :, flat.to(dev)]
+    if valid is not None and not bool(valid.all()):
+        patches = patches * valid.expand(a, *window).reshape(a, wvol, 1).to(dev, x.dtype)
+    patches = patches.view(a, *window, spec.in_channels).movedim(-1, 1)
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[ndim]
     vals = conv(patches, weight, bias, spec.stride, 0, spec.dilation, spec.groups)
-    vals = torch.where(inside[:, None], vals, vals.new_full((), fill))
+    vals = torch.where(inside[:, None].to(x.device), vals, vals.new_full((), fill))
     full_sp = [c * t for c, t in zip(counts, size, strict=True)]
     result = x.new_full((n, spec.out_channels, *full_sp), fill)
     split: list[int] = [n, spec.out_channels]
@@ -559,19 +573,11 @@ def _tiled(
         split += [c, t]
     perm = [0] + [2 + 2 * a for a in range(ndim)] + [1] + [3 + 2 * a for a in range(ndim)]
     blocks = result.view(split).permute(perm)  # (N, *counts, C_out, *size), a view
-    blocks[tuple(index.t())] = vals  # a fresh tensor: autograd records the write
+    blocks[tuple(index.t().to(x.device))] = vals  # a fresh tensor: autograd records the write
     if tuple(full_sp) != tuple(out[1:]):
         crop = (slice(None), slice(None), *(slice(0, o) for o in out[1:]))
         result = result[crop].contiguous()
     return result
-
-
-def _interleave(extra: Sequence[int]) -> list[int]:
-    """F.pad's (last axis first) list padding only the far side of each axis by `extra`."""
-    pads: list[int] = []
-    for e in reversed(extra):
-        pads += [0, e]
-    return pads
 
 
 def _gather_gemm(
