@@ -314,3 +314,77 @@ def test_many_tiles(mode: str, ndim: int, spatial: tuple[int, ...], cfg: dict) -
     blob[tuple(slice(o // 3, o // 3 + 3) for o in out)] = True
     check_region_conv(layer, shape, blob | (torch.rand(out) < 0.05))
     check_region_conv(layer, shape, torch.rand(2, *out) < 0.1)
+
+
+# ---------------------------------------------------------------------------- CLI
+def _cli(*args: object):  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from convtool.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_cli_toeplitz_roi_box_and_mask(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    import scipy.sparse
+
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float32)
+    b = torch.randn(4, dtype=torch.float32)
+    np.save(tmp_path / "k.npy", w.numpy())
+    np.save(tmp_path / "b.npy", b.numpy())
+    conv = nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect").float()
+    conv.weight.data, conv.bias.data = w, b  # type: ignore[union-attr]
+    flags = ["--input-shape", "3,7,9", "--padding", "1", "--padding-mode", "reflect"]
+    flags += ["--bias", tmp_path / "b.npy"]
+    res = _cli("toeplitz", tmp_path / "k.npy", *flags, "--roi", "1:3,-2:", "-o", tmp_path / "R.npy")
+    assert res.exit_code == 0, res.output
+    mask = torch.zeros(7, 9, dtype=torch.bool)
+    mask[1:3, -2:] = True
+    x = torch.randn(3, 7, 9, dtype=torch.float32)
+    with torch.no_grad():
+        expected = conv(x[None])[0][:, mask].reshape(-1)  # rows: channel-major, then positions
+    rows = np.load(tmp_path / "R.rows.npy")
+    assert rows.tolist() == region_rows(conv, (3, 7, 9), mask).tolist()
+    got = np.load(tmp_path / "R.npy") @ x.numpy().reshape(-1) + np.load(tmp_path / "R.bias.npy")
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-4)
+
+    m = np.zeros((7, 9), dtype=bool)
+    m[0, 0] = m[6, 8] = True
+    np.save(tmp_path / "m.npy", m)
+    out = tmp_path / "S.npz"
+    res = _cli("toeplitz", tmp_path / "k.npy", *flags, "--roi", tmp_path / "m.npy", "-o", out)
+    assert res.exit_code == 0, res.output
+    s = scipy.sparse.load_npz(out).toarray()
+    with torch.no_grad():
+        expected = conv(x[None])[0][:, torch.from_numpy(m)].reshape(-1)
+    got = s @ x.numpy().reshape(-1) + np.load(out)["bias"]
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-4)
+
+    res = _cli("count-params", tmp_path / "k.npy", *flags, "--roi", tmp_path / "m.npy", "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["positions"] == 2 and report["matrix_shape"] == [8, 189]
+    assert report["nnz"] == int((s != 0).sum())  # random weights: structural = actual
+    assert report["macs"] == 2 * 4 * 3 * 9  # reflect: every tap reads a real value
+
+
+@pytest.mark.parametrize(
+    "roi,message",
+    [
+        ("1:3", "one 'start:stop' per axis"),
+        ("3:1,0:2", "selects no position"),
+        ("missing.npy", "does not exist"),
+        ("wrong.npy", "mask has shape"),
+    ],
+)
+def test_cli_roi_refusals(tmp_path, roi: str, message: str) -> None:  # type: ignore[no-untyped-def]
+    np.save(tmp_path / "k.npy", np.ones((2, 1, 3, 3), dtype=np.float32))
+    np.save(tmp_path / "wrong.npy", np.ones((5, 5), dtype=bool))  # the output is 4x4
+    if roi.endswith(".npy"):
+        roi = str(tmp_path / roi)
+    for cmd in ("toeplitz", "count-params"):
+        res = _cli(cmd, tmp_path / "k.npy", "--input-shape", "1,6,6", "--roi", roi)
+        assert res.exit_code == 2
+        assert message in res.output and "Traceback" not in res.output

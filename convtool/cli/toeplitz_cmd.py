@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 import typer
+from torch import Tensor
 
 from convtool.cli import options as opt
 from convtool.cli.app import app
@@ -18,6 +20,7 @@ from convtool.io import matrix_files as mf
 from convtool.io.source import check_finite
 from convtool.io.writers import atomic_outputs, check_target
 from convtool.matrices import bias_vector_for, dense_row_blocks, matrix, matrix_info
+from convtool.region import region_counts, region_rows_for
 from convtool.render.common import emit_json
 from convtool.render.toeplitz import render_matrix_summary
 from convtool.resources import check_disk, check_memory
@@ -57,10 +60,13 @@ def toeplitz_command(
     allow_pickle: opt.AllowPickleOpt = False,
     allow_nonfinite: opt.AllowNonfiniteOpt = False,
     max_memory: opt.MaxMemoryOpt = None,
+    roi: opt.RoiOpt = None,
 ) -> None:
     """Write the exact matrix T of a conv layer: layer(x).flatten() == T @ x.flatten() + b.
 
     Example: convtool toeplitz kernel.npy --input-shape 3,7,9 -o T.npy
+    (with --roi 1:3,0:4, only the rows of those output positions; their indices in the full T
+    go to NAME.rows.npy).
     """
     memory_limit = opt.max_memory(max_memory)
     fmt = mf.matrix_format(output, sparse) if output is not None else None
@@ -78,17 +84,28 @@ def toeplitz_command(
         check_finite(conv)
     shape = layer_input_shape(src, conv, input_shape)
     info = matrix_info(conv.spec, shape, conv.weight.dtype)
+    mask = None
+    region: dict[str, Any] | None = None
+    if roi is not None:
+        mask = opt.roi_mask(roi, info.output_shape[1:])
+        counts = region_counts(conv.spec, shape, mask)
+        info = replace(info, shape=(counts["rows"], counts["cols"]), nnz=counts["nnz"])
+        region = {"roi": roi, "positions": counts["positions"], "macs": counts["macs"]}
     result: dict[str, Any] = {"source": str(source), "name": conv.name, **info.to_dict()}
+    if region is not None:
+        result["region"] = region
     result.update(format=fmt, outputs=[], seconds=0.0)
 
     if output is not None and fmt is not None:
         inputs = [p for p in (source, bias) if p is not None]
         sibling = mf.bias_sibling(output) if conv.bias is not None else None
         targets = [output] + ([sibling] if sibling is not None else [])
+        if mask is not None:
+            targets.append(output.with_name(f"{output.stem}.rows.npy"))
         for target in targets:  # before any work: a refusal costs nothing
             check_target(target, force, inputs)
         started = time.perf_counter()
-        _write(output, fmt, conv, shape, info, targets, force, inputs, memory_limit, json_out)
+        _write(output, fmt, conv, shape, info, targets, force, inputs, memory_limit, json_out, mask)
         result.update(outputs=[str(t) for t in targets], seconds=time.perf_counter() - started)
     if json_out:
         emit_json(result)
@@ -107,12 +124,16 @@ def _write(
     inputs: list[Path],
     memory_limit: int | None,
     quiet: bool,
+    mask: Tensor | None = None,
 ) -> None:
     suffix = output.suffix.lower()
     dtype = conv.weight.dtype
     rows, cols = info.shape
     what = f"a dense {rows} x {cols} {info.dtype} matrix"
     bias = bias_vector_for(conv.spec, conv.bias, shape, dtype) if conv.bias is not None else None
+    if mask is not None:
+        _write_region(output, fmt, conv, shape, info, targets, force, inputs, memory_limit, mask)
+        return
     if fmt == "dense" and suffix == ".npy":
         check_disk(output, info.dense_bytes, what, "use --sparse with .npz or .mtx")
         row_bytes = cols * info.itemsize
@@ -168,3 +189,58 @@ def _write(
             raise ConvtoolError(f"unsupported output {str(output)!r}")
         if bias is not None and len(temps) > 1:
             np.save(temps[1], bias.numpy())
+
+
+def _write_region(
+    output: Path,
+    fmt: str,
+    conv: Any,
+    shape: tuple[int, ...],
+    info: Any,
+    targets: list[Path],
+    force: bool,
+    inputs: list[Path],
+    memory_limit: int | None,
+    mask: Tensor,
+) -> None:
+    """The rows of a region (built directly, never from T), their bias and their row indices."""
+    suffix = output.suffix.lower()
+    dtype = conv.weight.dtype
+    rows, cols = info.shape
+    if fmt == "dense":
+        what = f"a dense {rows} x {cols} {info.dtype} region matrix"
+        check_memory(info.dense_bytes, what, "use --sparse or a smaller --roi", memory_limit)
+        check_disk(output, info.dense_bytes, what, "use --sparse")
+    else:
+        what = f"a sparse region matrix with {info.nnz} nonzeros"
+        need = 2 * info.nnz * (16 + info.itemsize) + 8 * (rows + 1)
+        check_memory(need, what, "use a smaller --roi", memory_limit)
+        check_disk(output, info.csr_bytes, what, "use a smaller --roi")
+    row_index = region_rows_for(conv.spec, shape, mask)
+    bias = None
+    if conv.bias is not None:
+        bias = bias_vector_for(conv.spec, conv.bias, shape, dtype)[row_index]
+    t = matrix(conv.spec, conv.weight, shape, sparse=fmt == "sparse", layout="csr", rows=mask)
+    meta = {
+        "layer": conv.name,
+        "spec": conv.spec.describe(),
+        "input_shape": list(shape),
+        "output_shape": list(info.output_shape),
+        "rows_file": targets[-1].name,  # indices of these rows in the full T
+    }
+    with atomic_outputs(targets, force=force, inputs=inputs) as temps:
+        if suffix == ".npy":
+            mf.write_npy_blocks(temps[0], info.shape, dtype, [(0, t)])
+        elif suffix == ".npz":
+            mf.write_npz(temps[0], t, bias)
+        elif suffix == ".mtx":
+            mf.write_mtx(temps[0], t, comment=f" {conv.name}: {conv.spec.describe()} region rows")
+        elif suffix == ".pt":
+            mf.write_pt(temps[0], t, bias, meta)
+        elif suffix == ".safetensors":
+            mf.write_safetensors(temps[0], t, bias, meta)
+        else:  # pragma: no cover - matrix_format already refused it
+            raise ConvtoolError(f"unsupported output {str(output)!r}")
+        if bias is not None and len(temps) > 2:
+            np.save(temps[1], bias.numpy())
+        np.save(temps[-1], row_index.numpy())
