@@ -412,8 +412,9 @@ class RegionConv(nn.Module):
                 f"{tuple(out_sp)} (shared by the batch) or {(n, *out_sp)} (per sample)"
             )
         m = m.to(x.device)
-        weight: Tensor = self.layer.weight
-        bias: Tensor | None = self.layer.bias
+        layer: Any = self.layer
+        weight: Tensor = layer.weight
+        bias: Tensor | None = layer.bias
         method = self.method
         tiles: _Tiles | None = None
         if method in ("auto", "tiles") and not spec.transposed:
@@ -433,16 +434,16 @@ class RegionConv(nn.Module):
 
 # Cost model of 'auto', in units of the full conv's time, fitted on benchmarks/region.py
 # (Conv2d 3x3, 3->64 and 64->64, 128^2 and 256^2, N = 1 and 8, one thread): the gather path
-# costs about GATHER_COST x the selected fraction, the tile path TILE_COST x the fraction of
-# positions its tiles cover (halo included) plus a pass over the input for the padding.
-GATHER_COST = 4.0
-TILE_COST = 1.3
-TILE_FIXED = 0.04
+# costs about GATHER_COST x the selected fraction (im2col's 9x reads per position for a 3x3
+# kernel), the tile path TILE_COST x the fraction of positions its tiles cover (halo included),
+# each plus a fixed part (index arithmetic, writing the whole filled output).
+GATHER_COST, GATHER_FIXED = 5.0, 0.02
+TILE_COST, TILE_FIXED = 1.3, 0.05
 
 
 def _choose(spec: ConvSpec, mask: Tensor, tiles: _Tiles | None) -> str:
     density = float(mask.sum()) / max(1, mask.numel())
-    costs = {"full": 1.0, "gather": GATHER_COST * density}
+    costs = {"full": 1.0, "gather": GATHER_COST * density + GATHER_FIXED}
     if tiles is not None:
         costs["tiles"] = TILE_COST * tiles.coverage + TILE_FIXED
     return min(costs, key=lambda k: costs[k])
