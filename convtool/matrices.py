@@ -335,6 +335,7 @@ def toeplitz_from_weight(
     output_padding: int | Sequence[int] = 0,
     sparse: bool = False,
     layout: SparseLayout = "coo",
+    rows: object | None = None,
 ) -> Tensor:
     """The matrix of a conv given as a raw kernel plus PyTorch's hyperparameters.
 
@@ -344,6 +345,7 @@ def toeplitz_from_weight(
         input_shape: one sample `(C_in, *spatial)` (a leading batch dim is accepted).
         sparse: return a torch sparse tensor (built from indices, never from a dense matrix).
         layout: 'coo' (coalesced) or 'csr' when `sparse`.
+        rows: a boolean output-position mask: only those rows (see :func:`toeplitz`).
 
     Returns:
         `T` of shape `(C_out * prod(out_spatial), C_in * prod(spatial))`, dtype of `weight`.
@@ -358,7 +360,7 @@ def toeplitz_from_weight(
         transposed=transposed,
         output_padding=output_padding,
     )
-    return matrix(spec, weight, input_shape, sparse=sparse, layout=layout)
+    return matrix(spec, weight, input_shape, sparse=sparse, layout=layout, rows=rows)
 
 
 def matrix(

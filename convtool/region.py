@@ -346,7 +346,7 @@ class RegionConv(nn.Module):
       copied), one GEMM per channel group (masked convs, as in mmcv), scatter into the output.
       Its cost follows the selected positions exactly, at im2col's price per position.
     - `'tiles'`: cover the selected positions with small output tiles, gather each active
-      tile's input window (with its halo) from the padded input, run the layer's own conv on
+      tile's input window (with its halo) through the padding map, run the layer's own conv on
       the stack of windows, and scatter the tiles back (SBNet's gather/scatter over active
       blocks). Cheaper per position than `'gather'` when the region is made of blobs or boxes;
       not available for transposed convs.
@@ -424,8 +424,9 @@ class RegionConv(nn.Module):
         self.last_method = method
         if method == "full":
             full = self.layer(x)
-            keep = m if not shared else m[None]
-            return torch.where(keep[:, None], full, full.new_full((), fill))
+            drop = ~(m if not shared else m[None])
+            # In place (the conv's backward does not need its output): no second output tensor.
+            return full.masked_fill_(drop[:, None], fill)
         if method == "tiles":
             assert tiles is not None
             return _tiled(spec, x, tiles, shared, weight, bias, fill, out)
@@ -565,7 +566,8 @@ def _tiled(
         patches = patches * valid.expand(a, *window).reshape(a, wvol, 1).to(dev, x.dtype)
     patches = patches.view(a, *window, spec.in_channels).movedim(-1, 1)
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[ndim]
-    vals = conv(patches, weight, bias, spec.stride, 0, spec.dilation, spec.groups)
+    # Back to (T, C_out, *tile) order: the scatter below then copies whole tile rows.
+    vals = conv(patches, weight, bias, spec.stride, 0, spec.dilation, spec.groups).contiguous()
     vals = torch.where(inside[:, None].to(x.device), vals, vals.new_full((), fill))
     full_sp = [c * t for c, t in zip(counts, size, strict=True)]
     result = x.new_full((n, spec.out_channels, *full_sp), fill)
