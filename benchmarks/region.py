@@ -14,7 +14,7 @@ Targets for the shipped module: >= 4x at 10%, >= 15x at 1%, never more than 1.3x
 a conv time measured right next to it (best of `--repeat` pairs), so load from other processes
 affects both sides alike. Single-threaded by default (`--threads`).
 
-Run: python benchmarks/region.py [--repeat 3] [--threads 1] [--quick]
+Run: python benchmarks/region.py [--repeat 3] [--threads 1] [--quick] [--c-in 3 64]
 """
 
 from __future__ import annotations
@@ -111,6 +111,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="128x128 only")
+    parser.add_argument("--c-in", type=int, nargs="+", default=[3, 64], help="layers to run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -122,7 +123,7 @@ def main() -> None:
     )
     summary: dict[float, list[float]] = {d: [] for d in DENSITIES}
     started = time.perf_counter()
-    for c_in in (3, 64):
+    for c_in in args.c_in:
         conv = nn.Conv2d(c_in, 64, 3, padding=1)
         modules = {m: RegionConv(conv, method=m) for m in ("gather", "tiles", "full")}
         shipped = RegionConv(conv)

@@ -437,16 +437,22 @@ class RegionConv(nn.Module):
 # (Conv2d 3x3, 3->64 and 64->64, 128^2 and 256^2, N = 1 and 8, one thread): the gather path
 # costs about GATHER_COST x the selected fraction (im2col's 9x reads per position for a 3x3
 # kernel), the tile path TILE_COST x the fraction of positions its tiles cover (halo included),
-# each plus a fixed part (index arithmetic, writing the whole filled output).
+# each plus a fixed part (index arithmetic, writing the whole filled output). Both per-position
+# costs grow, relative to the conv, when the conv does little work per output value
+# (C_in/groups * taps multiply-adds): a 3->64 conv is bound by writing its output, which the
+# region paths cannot skip either. OUTPUT_MACS is that write in multiply-add equivalents.
 GATHER_COST, GATHER_FIXED = 5.0, 0.02
 TILE_COST, TILE_FIXED = 1.3, 0.05
+OUTPUT_MACS = 150.0
 
 
 def _choose(spec: ConvSpec, mask: Tensor, tiles: _Tiles | None) -> str:
     density = float(mask.sum()) / max(1, mask.numel())
-    costs = {"full": 1.0, "gather": GATHER_COST * density + GATHER_FIXED}
+    work = spec.in_channels // spec.groups * math.prod(spec.kernel_size)
+    scale = 1.0 + OUTPUT_MACS / work
+    costs = {"full": 1.0, "gather": GATHER_COST * scale * density + GATHER_FIXED}
     if tiles is not None:
-        costs["tiles"] = TILE_COST * tiles.coverage + TILE_FIXED
+        costs["tiles"] = TILE_COST * scale * tiles.coverage + TILE_FIXED
     return min(costs, key=lambda k: costs[k])
 
 

@@ -294,9 +294,7 @@ def test_channel_sum_conv_refuses_bad_filters() -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize(
-    "ndim,spatial", [(1, (150,)), (2, (21, 19)), (3, (9, 10, 7))]
-)
+@pytest.mark.parametrize("ndim,spatial", [(1, (150,)), (2, (21, 19)), (3, (9, 10, 7))])
 @pytest.mark.parametrize(
     "cfg",
     [
