@@ -18,6 +18,7 @@ Importing convtool does not import typer or rich (only the CLI does).
 from convtool.compare import Comparison, Tolerance, compare
 from convtool.convert import to_fully_connected, to_locally_connected
 from convtool.errors import ConvtoolError
+from convtool.forms import Form, ModelTarget, Target
 from convtool.layers import (
     FullyConnected,
     LocallyConnected1d,
@@ -37,6 +38,7 @@ __all__ = [
     "Comparison",
     "ConvSpec",
     "ConvtoolError",
+    "Form",
     "FormCheck",
     "FullyConnected",
     "FunctionalConvWarning",
@@ -44,8 +46,10 @@ __all__ = [
     "LocallyConnected1d",
     "LocallyConnected2d",
     "LocallyConnected3d",
+    "ModelTarget",
     "ParamReport",
     "RegionConv",
+    "Target",
     "Tolerance",
     "Totals",
     "VerifyReport",

@@ -69,11 +69,12 @@ def resolve_tolerance(
     if rtol is None and atol is None:
         return default_tolerance(dtype)
     if rtol is None or atol is None:
-        given = "--rtol" if atol is None else "--atol"
-        missing = "--atol" if atol is None else "--rtol"
+        given = "rtol" if atol is None else "atol"
+        missing = "atol" if atol is None else "rtol"
         raise ConvtoolError(
-            f"{given} was given without {missing}; give both (e.g. --rtol 1e-5 --atol 1e-6) or "
-            f"neither for the {str(dtype).removeprefix('torch.')} defaults"
+            f"`{given}` was given without `{missing}`; give both (e.g. rtol=1e-5, atol=1e-6) or "
+            f"neither for the {str(dtype).removeprefix('torch.')} defaults",
+            params=("rtol", "atol"),
         )
     for name, value in (("rtol", rtol), ("atol", atol)):
         if not math.isfinite(value) or value < 0:

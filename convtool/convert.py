@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from convtool import sizes
+from convtool.dtypes import compute_tensor
 from convtool.errors import ConvtoolError
 from convtool.layers import (
     FullyConnected,
@@ -15,20 +18,18 @@ from convtool.layers import (
     LocallyConnected3d,
     _LocallyConnectedNd,
 )
-from convtool.matrices import SparseLayout, bias_vector_for, matrix, matrix_shape
-from convtool.resources import check_memory
+from convtool.matrices import SparseLayout, bias_vector_for, matrix
 from convtool.spec import ConvSpec
 
 __all__ = ["to_fully_connected", "to_locally_connected"]
 
-# A dense T bigger than this is refused with a hint to use sparse=True instead.
-
 
 def _weight(conv: nn.Module) -> Tensor:
+    """The conv's weight in its compute dtype (integers -> float64, as the CLI reads them)."""
     weight = getattr(conv, "weight", None)
     if not isinstance(weight, Tensor):
         raise ConvtoolError(f"{type(conv).__name__} has no weight tensor")
-    return weight
+    return compute_tensor(weight)
 
 
 def to_locally_connected(conv: nn.Module, input_shape: Sequence[int]) -> _LocallyConnectedNd:
@@ -54,10 +55,20 @@ def to_locally_connected(conv: nn.Module, input_shape: Sequence[int]) -> _Locall
     if spec.transposed:
         raise ConvtoolError(
             f"the locally-connected form is defined for Conv1d/2d/3d, not {spec.kind}; use the "
-            f"fully-connected form (to_fully_connected, `--to fc`) for transposed layers"
+            f"fully-connected form (to_fully_connected) for transposed layers"
         )
     sample = spec.sample_shape(input_shape)
     weight = _weight(conv)
+    out = spec.output_shape(sample)
+    sizes.check_elements(
+        (math.prod(out) * spec.kernel_numel * (spec.in_channels // spec.groups))
+        + (math.prod(out) if spec.bias else 0),
+        weight.dtype,
+        f"the locally-connected form of {spec.describe()} on input {sample} (one kernel per "
+        f"output position)",
+        "use a smaller input shape, or the sparse fully-connected form (to_fully_connected("
+        "..., sparse=True))",
+    )
     lc_type = (LocallyConnected1d, LocallyConnected2d, LocallyConnected3d)[spec.ndim - 1]
     lc = lc_type(
         spec.in_channels,
@@ -77,6 +88,7 @@ def to_locally_connected(conv: nn.Module, input_shape: Sequence[int]) -> _Locall
         lc.weight.copy_(weight.expand_as(lc.weight))
         bias = getattr(conv, "bias", None)
         if lc.bias is not None and isinstance(bias, Tensor):
+            bias = compute_tensor(bias, "the bias")
             lc.bias.copy_(bias.view(-1, *(1,) * spec.ndim).expand_as(lc.bias))
     return lc
 
@@ -108,15 +120,7 @@ def to_fully_connected(
     spec = ConvSpec.from_module(conv)
     sample = spec.sample_shape(input_shape)
     weight = _weight(conv)
-    if not sparse:
-        rows, cols = matrix_shape(spec, sample)
-        size = rows * cols * weight.element_size()
-        check_memory(
-            size,
-            f"the dense {rows} x {cols} matrix of {spec.describe()} on input {sample}",
-            "use sparse=True (`--sparse`)",
-        )
-    t = matrix(spec, weight, sample, sparse=sparse, layout=layout)
+    t = matrix(spec, weight, sample, sparse=sparse, layout=layout)  # checks memory first
     bias = getattr(conv, "bias", None)
     b = bias_vector_for(spec, bias, sample, weight.dtype) if isinstance(bias, Tensor) else None
     out_shape = spec.output_shape(sample)

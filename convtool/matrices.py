@@ -26,8 +26,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from convtool import sizes
+from convtool.dtypes import compute_tensor
 from convtool.errors import ConvtoolError
+from convtool.sizes import structural_nnz, tap_count
 from convtool.spec import ConvSpec
+
+__all__ = ["structural_nnz", "tap_count"]  # counted in closed form by convtool.sizes
 
 SparseLayout = Literal["coo", "csr"]
 
@@ -179,6 +184,13 @@ def _forward_geometry(
 def template(spec: ConvSpec, input_shape: Sequence[int]) -> tuple[ConvSpec, Template]:
     """The forward-conv spec and the template of its matrix (see module docstring)."""
     fwd, in_sp, out_sp = _forward_geometry(spec, input_shape)
+    sample = spec.sample_shape(input_shape)
+    sizes.check_elements(
+        sizes.template_entries(spec, sample) * (sizes.TEMPLATE_ENTRY_BYTES // 8),
+        torch.int64,
+        f"the index template of {spec.describe()} on input {sample}",
+        "use a smaller input shape",
+    )
     tpl = _template_cached(
         in_sp,
         out_sp,
@@ -199,16 +211,13 @@ def matrix_shape(spec: ConvSpec, input_shape: Sequence[int]) -> tuple[int, int]:
 
 
 def _check_weight(spec: ConvSpec, weight: Tensor) -> Tensor:
-    if tuple(weight.shape) != spec.weight_shape:
+    """The weight detached, in its compute dtype (integers -> float64; see convtool.dtypes)."""
+    if isinstance(weight, Tensor) and tuple(weight.shape) != spec.weight_shape:
         raise ConvtoolError(
             f"weight has shape {tuple(weight.shape)} but {spec.describe()} needs "
             f"{spec.weight_shape}"
         )
-    if not weight.is_floating_point():
-        raise ConvtoolError(f"weight must be a floating-point tensor, got dtype {weight.dtype}")
-    if weight.is_meta:
-        raise ConvtoolError("the weight is on the meta device and holds no values; load it first")
-    return weight.detach()
+    return compute_tensor(weight)
 
 
 def _values(fwd: ConvSpec, tpl: Template, weight: Tensor, co: slice) -> Tensor:
@@ -348,8 +357,18 @@ def toeplitz_from_weight(
         rows: a boolean output-position mask: only those rows (see :func:`toeplitz`).
 
     Returns:
-        `T` of shape `(C_out * prod(out_spatial), C_in * prod(spatial))`, dtype of `weight`.
+        `T` of shape `(C_out * prod(out_spatial), C_in * prod(spatial))`, dtype of `weight`
+        (float64 for an integer weight; a numpy array is accepted as a weight).
     """
+    if isinstance(weight, np.ndarray):
+        if weight.dtype.kind not in "fiub":
+            raise ConvtoolError(f"weight must be a real numeric array, got dtype {weight.dtype}")
+        native = weight.astype(weight.dtype.newbyteorder("="))  # big-endian arrays too
+        weight = torch.from_numpy(np.ascontiguousarray(native))
+    elif not isinstance(weight, Tensor):
+        raise ConvtoolError(
+            f"weight must be a torch tensor or a numpy array, got {type(weight).__name__}"
+        )
     spec = ConvSpec.from_weight(
         tuple(weight.shape),
         stride=stride,
@@ -371,21 +390,27 @@ def matrix(
     sparse: bool = False,
     layout: SparseLayout = "coo",
     rows: object | None = None,
+    max_memory: int | None = None,
 ) -> Tensor:
     """`T` for a spec and its weight (see :func:`toeplitz_from_weight`).
 
     The index arithmetic runs on the CPU; for a weight on another device the result is moved
-    there. `rows`: a boolean output-position mask; only those rows (see :func:`toeplitz`).
+    there. The memory `T` needs is checked against `max_memory` bytes (default: the machine's
+    available memory) before anything is allocated. `rows`: a boolean output-position mask;
+    only those rows (see :func:`toeplitz`), and only their size is checked.
     """
-    if weight.device.type not in ("cpu", "meta"):
-        cpu = weight.detach().cpu()
-        return matrix(spec, cpu, input_shape, sparse=sparse, layout=layout, rows=rows).to(
-            weight.device
-        )
     if rows is not None:
         from convtool.region import region_matrix  # region builds on this module
 
-        return region_matrix(spec, weight, input_shape, rows, sparse=sparse, layout=layout)
+        return region_matrix(
+            spec, weight, input_shape, rows, sparse=sparse, layout=layout, max_memory=max_memory
+        )
+    sample = spec.sample_shape(input_shape)
+    weight = _check_weight(spec, weight)
+    sizes.check_matrix(spec, sample, weight.dtype, sparse=sparse, max_memory=max_memory)
+    if weight.device.type != "cpu":
+        cpu = weight.cpu()
+        return matrix(spec, cpu, sample, sparse=sparse, layout=layout).to(weight.device)
     if sparse:
         return _sparse(spec, weight, input_shape, layout)
     return _dense(spec, weight, input_shape)
@@ -428,9 +453,15 @@ def bias_vector_for(
     """The bias repeated per output position: `(C_out * prod(out_spatial),)`; zeros if None."""
     out_shape = spec.output_shape(input_shape)
     positions = math.prod(out_shape[1:])
+    sizes.check_elements(
+        out_shape[0] * positions,
+        dtype,
+        f"the bias vector of {spec.describe()} on input {spec.sample_shape(input_shape)}",
+        "use a smaller input shape",
+    )
     if bias is None:
         return torch.zeros(out_shape[0] * positions, dtype=dtype)
-    bias = bias.detach()
+    bias = compute_tensor(bias, "the bias")
     if tuple(bias.shape) != (spec.out_channels,):
         raise ConvtoolError(
             f"bias has shape {tuple(bias.shape)} but {spec.describe()} needs ({spec.out_channels},)"
@@ -444,61 +475,7 @@ def bias_vector(layer: nn.Module, input_shape: Sequence[int]) -> Tensor:
     weight, bias = layer.weight, getattr(layer, "bias", None)
     if not isinstance(weight, Tensor):
         raise ConvtoolError(f"{type(layer).__name__} has no weight tensor")
-    return bias_vector_for(spec, bias, input_shape, weight.dtype)
-
-
-def _axis_count(n: int, m: int, k: int, s: int, d: int, lo: int, mode: str, distinct: bool) -> int:
-    """Along one axis: (output position, tap) pairs whose tap reads a real input value, or with
-    `distinct` the distinct (output position, input index) pairs they make."""
-    pos, valid = _axis_positions(n, m, k, s, d, lo, mode)
-    if not distinct:
-        return m * k if valid is None else int(valid.sum())
-    key = torch.arange(m, dtype=torch.int64)[:, None] * n + pos
-    if valid is not None:
-        key = key[valid]
-    return int(torch.unique(key).numel())
-
-
-def _count(spec: ConvSpec, input_shape: Sequence[int], distinct: bool) -> int:
-    sample = spec.sample_shape(input_shape)
-    out = spec.output_shape(sample)
-    if spec.transposed:  # the adjoint of the forward conv from its output to its input
-        in_sp, out_sp, c_rows, c_cols = out[1:], sample[1:], spec.in_channels, spec.out_channels
-    else:
-        in_sp, out_sp, c_rows, c_cols = sample[1:], out[1:], spec.out_channels, spec.in_channels
-    count = c_rows * (c_cols // spec.groups)
-    for axis, (lo, _) in enumerate(spec.pad_pairs):
-        count *= _axis_count(
-            in_sp[axis],
-            out_sp[axis],
-            spec.kernel_size[axis],
-            spec.stride[axis],
-            spec.dilation[axis],
-            lo,
-            spec.padding_mode,
-            distinct,
-        )
-    return count
-
-
-def structural_nnz(spec: ConvSpec, input_shape: Sequence[int]) -> int:
-    """Structural non-zeros of `T`, computed per axis without building the matrix.
-
-    A tap lands on column `(ci, i_1, ..., i_D)`; two taps of one row coincide exactly when every
-    per-axis index does, so the distinct (row, col) pairs factor over the axes. Cost: O(sum of
-    out_size * kernel_size) whatever the layer's size.
-    """
-    return _count(spec, input_shape, distinct=True)
-
-
-def tap_count(spec: ConvSpec, input_shape: Sequence[int]) -> int:
-    """Multiply-adds of one sample through the conv: taps that read a real input value.
-
-    Taps on zero padding do not count (so with zero padding this is :func:`structural_nnz`);
-    with reflect/replicate/circular padding every tap reads a copied value and counts, so it can
-    exceed the non-zeros, where coinciding taps are merged.
-    """
-    return _count(spec, input_shape, distinct=False)
+    return bias_vector_for(spec, bias, input_shape, compute_tensor(weight).dtype)
 
 
 def dense_row_blocks(
@@ -574,12 +551,12 @@ class MatrixInfo:
 
     @property
     def dense_bytes(self) -> int:
-        return self.shape[0] * self.shape[1] * self.itemsize
+        return sizes.dense_bytes(*self.shape, self.itemsize)
 
     @property
     def csr_bytes(self) -> int:
         """values + int64 column indices + int64 row pointers."""
-        return self.nnz * (self.itemsize + 8) + (self.shape[0] + 1) * 8
+        return sizes.csr_bytes(self.nnz, self.shape[0], self.itemsize)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -605,5 +582,5 @@ def matrix_info(spec: ConvSpec, input_shape: Sequence[int], dtype: torch.dtype) 
         shape=matrix_shape(spec, sample),
         nnz=structural_nnz(spec, sample),
         dtype=str(dtype).removeprefix("torch."),
-        itemsize=torch.empty((), dtype=dtype).element_size(),
+        itemsize=sizes.itemsize(dtype),
     )

@@ -31,9 +31,11 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from convtool import sizes
 from convtool.errors import ConvtoolError
+from convtool.forms import ModelTarget, parse
 from convtool.resources import check_memory, human_bytes
-from convtool.spec import ConvSpec, is_conv
+from convtool.spec import ConvSpec, as_shape, is_conv
 
 _CONV_FUNCTIONS = {
     F.conv1d: "conv1d",
@@ -45,7 +47,7 @@ _CONV_FUNCTIONS = {
     torch.convolution: "convolution",
     torch._convolution: "_convolution",
 }
-TARGETS = ("lc", "fc")
+TARGETS = tuple(ModelTarget)
 
 
 class FunctionalConvWarning(UserWarning):
@@ -96,13 +98,7 @@ def example_tensor(model: nn.Module, example_input: Tensor | Sequence[int]) -> T
     """The example input: the tensor given, or zeros of the given shape in the model's dtype."""
     if isinstance(example_input, Tensor):
         return example_input
-    try:
-        shape = tuple(int(s) for s in example_input)
-    except (TypeError, ValueError):
-        raise ConvtoolError(
-            f"the example input must be a tensor or a shape like (1, 3, 224, 224), got "
-            f"{example_input!r}"
-        ) from None
+    shape = as_shape(example_input, "the example input shape")
     if not shape or any(s <= 0 for s in shape):
         raise ConvtoolError(f"the example input shape must be positive ints, got {shape}")
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
@@ -112,7 +108,8 @@ def example_tensor(model: nn.Module, example_input: Tensor | Sequence[int]) -> T
     check_memory(
         2 * nbytes,
         f"running the model on an example input of shape {shape}",
-        "use a smaller --input-shape",
+        "use a smaller `example_input`",
+        params=("example_input",),
     )
     return torch.zeros(shape, dtype=dtype)
 
@@ -129,8 +126,9 @@ def _run(model: nn.Module, x: Tensor) -> Any:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ConvtoolError(
             f"running the model on an input of shape {tuple(x.shape)} failed: "
-            f"{type(exc).__name__}: {text[:200]} (is --input-shape the model's full input, "
-            f"batch included?)"
+            f"{type(exc).__name__}: {text[:200]} (is `example_input` the model's full input, "
+            f"batch included?)",
+            params=("example_input",),
         ) from None
     finally:
         _set_training(model, was_training)
@@ -167,6 +165,22 @@ def capture(model: nn.Module, example_input: Tensor | Sequence[int]) -> Capture:
     return _capture_eager(model, x)
 
 
+def _check_conv_output(module: nn.Module, name: str, x: Tensor) -> None:
+    """Refuse a conv call whose output would not fit in memory, before torch allocates it."""
+    try:
+        spec = ConvSpec.from_module(module)
+        out = spec.output_shape(tuple(x.shape))
+    except ConvtoolError:
+        return  # not a call the spec describes: torch reports what is wrong with it
+    batch = int(x.shape[0]) if x.dim() == spec.ndim + 2 else 1
+    check_memory(
+        batch * math.prod(out) * x.element_size(),
+        f"running conv {name or type(module).__name__!r} on an input of shape "
+        f"{tuple(x.shape)} (output {(batch, *out)})",
+        "use a smaller input shape",
+    )
+
+
 class _ConvCalls(TorchFunctionMode):
     """Hands every conv function call to `record(function name, args, kwargs)`."""
 
@@ -198,6 +212,7 @@ def _capture_eager(model: nn.Module, x: Tensor) -> Capture:
         stack.append(module)
         if id(module) in convs and args and isinstance(args[0], Tensor):
             name = names[id(module)]
+            _check_conv_output(module, name, args[0])
             invocations[name] = invocations.get(name, 0) + 1
             weight: Any = module.weight
             _add_shape(cap, name, _sample(args[0], weight.dim() - 2))
@@ -380,11 +395,11 @@ def stored_size(module: nn.Module) -> tuple[int, int]:
         elif t.layout == torch.sparse_coo:
             n = t._nnz()
             entries += n
-            nbytes += n * (t.element_size() + 8 * t.sparse_dim())
+            nbytes += sizes.coo_bytes(n, t.element_size(), t.sparse_dim())
         else:  # CSR/CSC/BSR: values + plain indices + compressed pointers
             values = t.values()
             entries += values.numel()
-            nbytes += values.numel() * (t.element_size() + 8) + 8 * (t.shape[0] + 1)
+            nbytes += sizes.csr_bytes(values.numel(), t.shape[0], t.element_size())
     return entries, nbytes
 
 
@@ -395,7 +410,8 @@ def select_layers(names: Sequence[str], pattern: str | None) -> list[str]:
     parts = [p.strip() for p in pattern.split(",") if p.strip()]
     if not parts:
         raise ConvtoolError(
-            f"--layers must name layers or globs like 'features.*', got {pattern!r}"
+            f"`layers` must name layers or globs like 'features.*', got {pattern!r}",
+            params=("layers",),
         )
     chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in parts)]
     unmatched = [p for p in parts if not any(fnmatch.fnmatchcase(n, p) for n in names)]
@@ -404,8 +420,9 @@ def select_layers(names: Sequence[str], pattern: str | None) -> list[str]:
             f", ... ({len(names)} in all)" if len(names) > 12 else ""
         )
         raise ConvtoolError(
-            f"--layers {', '.join(repr(p) for p in unmatched)} matches no conv layer; the model "
-            f"has {listing or 'none'}"
+            f"`layers` {', '.join(repr(p) for p in unmatched)} matches no conv layer; the model "
+            f"has {listing or 'none'}",
+            params=("layers",),
         )
     return chosen
 
@@ -417,13 +434,13 @@ def _estimate_bytes(
     from convtool.matrices import matrix_info
 
     out = spec.output_shape(shape)
-    if to == "lc":
+    if to == ModelTarget.LC:
         taps = (spec.in_channels // spec.groups) * spec.kernel_numel
-        return (math.prod(out) * taps + math.prod(out)) * itemsize
+        return sizes.lc_entries(out[0], out[1:], taps) * itemsize
     info = matrix_info(spec, shape, _dtype_of(itemsize))
     bias = math.prod(out) * itemsize
     if sparse:  # COO indices while building, CSR kept
-        return info.nnz * (itemsize + 16) + info.csr_bytes + bias
+        return sizes.coo_bytes(info.nnz, itemsize) + info.csr_bytes + bias
     return info.dense_bytes + bias
 
 
@@ -446,7 +463,7 @@ def convert_with_report(
     model: nn.Module,
     example_input: Tensor | Sequence[int],
     *,
-    to: str = "lc",
+    to: str = ModelTarget.LC,
     sparse: bool = False,
     layers: str | Sequence[str] | None = None,
     memory_limit: int | None = None,
@@ -462,11 +479,19 @@ def convert_with_report(
         inplace: convert `model` itself instead of a deep copy.
     """
     from convtool.convert import to_fully_connected, to_locally_connected
+    from convtool.dtypes import compute_dtype
 
-    if to not in TARGETS:
-        raise ConvtoolError(f"to must be 'lc' or 'fc', got {to!r}")
-    if sparse and to != "fc":
-        raise ConvtoolError("sparse=True (--sparse) applies to the fully-connected form: use fc")
+    if not isinstance(model, nn.Module):
+        raise ConvtoolError(f"model must be an nn.Module, got {type(model).__name__}")
+    for name, module in model.named_modules():
+        kernel = getattr(module, "weight", None)
+        if is_conv(module) and isinstance(kernel, Tensor):
+            compute_dtype(kernel.dtype, f"the weight of conv {name or type(module).__name__!r}")
+    to = parse(to, ModelTarget)
+    if sparse and to != ModelTarget.FC:
+        raise ConvtoolError(
+            "sparse=True applies to the fully-connected form: use to='fc'", params=("sparse", "to")
+        )
     x = example_tensor(model, example_input)
     if isinstance(model, torch.jit.ScriptModule):
         # Script modules cannot be edited: convert their torch.export graph (a fresh mirror).
@@ -480,7 +505,7 @@ def convert_with_report(
     conv_names.sort(key=lambda n: called.get(n, len(called)))  # in the order the model runs
     pattern = layers if layers is None or isinstance(layers, str) else ",".join(layers)
     chosen = select_layers(conv_names, pattern)
-    report = ConversionReport(to, sparse, tuple(x.shape), functional=list(cap.functional))
+    report = ConversionReport(to.value, sparse, tuple(x.shape), functional=list(cap.functional))
     report.params_before = stored_size(converted)[0]
     plan: list[tuple[str, nn.Module, ConvSpec, tuple[int, ...], int]] = []
     for name in chosen:
@@ -493,10 +518,11 @@ def convert_with_report(
             report.skipped[name] = f"it is called on several input shapes ({seen})"
         elif name in cap.custom:
             report.skipped[name] = "its forward is not a plain conv with its own weight"
-        elif to == "lc" and spec.transposed:
+        elif to == ModelTarget.LC and spec.transposed:
             raise ConvtoolError(
                 f"layer {name!r} is a {spec.kind}, which has no locally-connected form; use "
-                f"--to fc, or leave it out with --layers"
+                f"to='fc', or leave it out with `layers`",
+                params=("to", "layers"),
             )
         else:
             shape = cap.input_shapes[name]
@@ -508,12 +534,15 @@ def convert_with_report(
     if plan:
         biggest = max(plan, key=lambda p: p[4])
         total = sum(p[4] for p in plan) + biggest[4]  # + one transient copy while building
-        form = {"lc": "locally-connected", "fc": "sparse FC" if sparse else "dense FC"}[to]
+        form = {
+            ModelTarget.LC: "locally-connected",
+            ModelTarget.FC: "sparse FC" if sparse else "dense FC",
+        }[to]
         alternative = {
-            "lc": "convert fewer layers with --layers",
-            "fc": "use --to lc, or convert fewer layers with --layers"
+            ModelTarget.LC: "convert fewer layers with `layers`",
+            ModelTarget.FC: "use to='lc', or convert fewer layers with `layers`"
             if sparse
-            else "use --sparse or --to lc, or convert fewer layers with --layers",
+            else "use sparse=True or to='lc', or convert fewer layers with `layers`",
         }[to]
         check_memory(
             total,
@@ -521,11 +550,13 @@ def convert_with_report(
             f"{human_bytes(biggest[4])})",
             alternative,
             memory_limit,
+            params=("layers", "to", "sparse"),
+            limit_param="memory_limit",
         )
     root = converted
     for name, module, spec, shape, _ in plan:
         new: nn.Module
-        if to == "lc":
+        if to == ModelTarget.LC:
             new = to_locally_connected(module, shape)
         else:
             new = to_fully_connected(module, shape, sparse=sparse)
@@ -554,7 +585,7 @@ def convert_with_report(
 def convert_model(
     model: nn.Module,
     example_input: Tensor | Sequence[int],
-    to: str = "lc",
+    to: str = ModelTarget.LC,
     sparse: bool = False,
     layers: str | Sequence[str] | None = None,
 ) -> nn.Module:
@@ -617,7 +648,7 @@ def load_converted(model: nn.Module, path: str | Path) -> nn.Module:
         if not is_conv(module):
             raise ConvtoolError(f"layer {name!r} of this model is not a conv; wrong architecture?")
         new: nn.Module
-        if to == "lc":
+        if to == ModelTarget.LC:
             new = to_locally_connected(module, shape)
         else:
             new = to_fully_connected(module, shape, sparse=sparse)
@@ -737,14 +768,16 @@ def _exportable(model: nn.Module, x: Tensor) -> nn.Module:
     for name, module in list(model.named_modules()):
         if id(module) not in holders:
             continue
-        hint = "write .pt or .safetensors instead, or convert without --sparse"
+        hint = "write .pt or .safetensors instead, or convert without sparse=True"
         tensors = _sparse_tensors(module)
         if (
             id(module) not in seen
             or len(tensors) != 1
             or not isinstance(seen[id(module)][1], Tensor)
         ):
-            raise ConvtoolError(f"cannot export the sparse layer {name!r} to .pt2; {hint}")
+            raise ConvtoolError(
+                f"cannot export the sparse layer {name!r} to .pt2; {hint}", params=("sparse",)
+            )
         sample, output = seen[id(module)]
         with torch.no_grad():
             bias = module(torch.zeros_like(sample)).reshape(-1)
@@ -752,7 +785,9 @@ def _exportable(model: nn.Module, x: Tensor) -> nn.Module:
             probe = torch.randn_like(sample)
             same = torch.allclose(swap(probe), module(probe), rtol=1e-5, atol=1e-6)
         if tensors[0].dim() != 2 or not same:
-            raise ConvtoolError(f"cannot export the sparse layer {name!r} to .pt2; {hint}")
+            raise ConvtoolError(
+                f"cannot export the sparse layer {name!r} to .pt2; {hint}", params=("sparse",)
+            )
         root = _replace(root, module, swap)
     return root
 

@@ -40,14 +40,14 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from convtool import sizes
 from convtool.errors import ConvtoolError
+from convtool.forms import Form
 from convtool.io.source import ConvLayer, module_layers
-from convtool.matrices import structural_nnz, tap_count
-from convtool.spec import ConvSpec, is_conv
+from convtool.sizes import structural_nnz, tap_count
+from convtool.spec import ConvSpec, as_shape, is_conv
 
-INDEX_BYTES = 8  # CSR column indices and row pointers are int64
-
-FORMS = ("conv", "lc", "fc_dense", "fc_sparse")
+FORMS = (Form.CONV, Form.LC, Form.FC_DENSE, Form.FC_SPARSE)
 
 NO_LC_TRANSPOSED = "no locally-connected form exists for a transposed conv"
 
@@ -149,7 +149,7 @@ class LayerCounts:
             return None
         nnz, rows = self.fc_sparse_macs, self.matrix_shape[0]
         bias = self.bias_elements or 0
-        return nnz * (self.itemsize + INDEX_BYTES) + (rows + 1) * INDEX_BYTES + bias * self.itemsize
+        return sizes.csr_bytes(nnz, rows, self.itemsize) + bias * self.itemsize
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict: exact integers, shapes as lists, None for unknown."""
@@ -413,7 +413,7 @@ def _unique_sum(tensors: Iterable[Tensor], exclude: set[Hashable] | None = None)
 
 
 def _picked(names: Sequence[str], pattern: str | None) -> list[bool]:
-    """Which names a `--layers` pattern picks: shell globs, comma-separated for several.
+    """Which names a `layers` pattern picks: shell globs, comma-separated for several.
 
     Raises:
         ConvtoolError: the pattern matches no name.
@@ -422,13 +422,16 @@ def _picked(names: Sequence[str], pattern: str | None) -> list[bool]:
         return [True] * len(names)
     globs = [p.strip() for p in pattern.split(",") if p.strip()]
     if not globs:
-        raise ConvtoolError(f"--layers pattern {pattern!r} is empty; give e.g. 'layer1.*'")
+        raise ConvtoolError(
+            f"`layers` pattern {pattern!r} is empty; give e.g. 'layer1.*'", params=("layers",)
+        )
     picked = [any(fnmatch.fnmatchcase(n, g) for g in globs) for n in names]
     if not any(picked):
         shown = ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
         raise ConvtoolError(
-            f"--layers {pattern!r} matches no conv layer; names are {shown or 'none'} "
-            f"(globs like 'layer1.*' or 'conv1,conv2' work)"
+            f"layers={pattern!r} matches no conv layer; names are {shown or 'none'} "
+            f"(globs like 'layer1.*' or 'conv1,conv2' work)",
+            params=("layers",),
         )
     return picked
 
@@ -509,7 +512,7 @@ def count_layers(
     if transposed:
         report_notes.append(
             f"{transposed} transposed conv(s) have no LC form: the LC model total keeps them as "
-            f"convs (leave them out of `convtool convert --to lc` with --layers)"
+            f"convs (leave them out when converting a model to LC)"
         )
     if not non_conv_known:
         report_notes.append("the model itself is not available: non-conv parameters are unknown")
@@ -542,25 +545,25 @@ def _totals(
     # Distinct modules only: a module listed twice is converted once.
     distinct = [c.shared_with is None for c in counts]
 
-    def model_total(form: str) -> tuple[int | None, int | None, int | None]:
+    def model_total(form: Form) -> tuple[int | None, int | None, int | None]:
         """(params, bytes, macs) of the model with the listed layers in `form`."""
         stay: list[Tensor] = []
         params: list[int | None] = []
         nbytes: list[int | None] = []
         macs: list[int | None] = []
         for layer, c, p, d in zip(layers, counts, picked, distinct, strict=True):
-            converts = p and d and not (form == "lc" and layer.spec.transposed)
+            converts = p and d and not (form == Form.LC and layer.spec.transposed)
             if not converts:
                 if d:
                     stay.extend(_tensors(layer))
                 if p and d:
                     macs.append(c.conv_macs)
                 continue
-            if form == "lc":
+            if form == Form.LC:
                 params.append(c.lc_params)
                 nbytes.append(c.lc_bytes)
                 macs.append(c.lc_macs)
-            elif form == "fc_dense":
+            elif form == Form.FC_DENSE:
                 params.append(c.fc_params)
                 nbytes.append(c.fc_dense_bytes)
                 macs.append(c.fc_dense_macs)
@@ -576,9 +579,9 @@ def _totals(
         )
         return total_p, total_b, _sum(macs)
 
-    lc_p, lc_b, lc_m = model_total("lc")
-    fc_p, fc_b, fc_m = model_total("fc_dense")
-    sp_p, sp_b, sp_m = model_total("fc_sparse")
+    lc_p, lc_b, lc_m = model_total(Form.LC)
+    fc_p, fc_b, fc_m = model_total(Form.FC_DENSE)
+    sp_p, sp_b, sp_m = model_total(Form.FC_SPARSE)
     orig_macs = _sum(
         c.conv_macs for c, p, d in zip(counts, picked, distinct, strict=True) if p and d
     )
@@ -642,7 +645,7 @@ def count_params(
         if isinstance(example_input_shape, Tensor):
             shape = tuple(example_input_shape.shape)
         elif example_input_shape is not None:
-            shape = tuple(int(s) for s in example_input_shape)
+            shape = as_shape(example_input_shape)
         layer = ConvLayer(name, spec, m.weight, m.bias, shape, model_or_conv)
         return count_layers([layer], model=model_or_conv, pattern=layers)
     found = module_layers(model_or_conv)
@@ -655,7 +658,7 @@ def count_params(
         if isinstance(example_input_shape, Tensor):
             x = example_input_shape
         else:
-            example_shape = tuple(int(s) for s in example_input_shape)
+            example_shape = as_shape(example_input_shape, "the example input shape")
             param = next(model_or_conv.parameters(), None)
             device = param.device if param is not None else torch.device("cpu")
             dtype = param.dtype if param is not None and param.is_floating_point() else None
@@ -714,11 +717,11 @@ class RegionCounts:
 
     @property
     def dense_bytes(self) -> int:
-        return self.rows * self.cols * self.itemsize
+        return sizes.dense_bytes(self.rows, self.cols, self.itemsize)
 
     @property
     def csr_bytes(self) -> int:
-        return self.nnz * (self.itemsize + INDEX_BYTES) + (self.rows + 1) * INDEX_BYTES
+        return sizes.csr_bytes(self.nnz, self.rows, self.itemsize)
 
     def to_dict(self) -> dict[str, Any]:
         return {

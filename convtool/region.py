@@ -28,8 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from convtool import sizes
 from convtool.errors import ConvtoolError
 from convtool.matrices import _axis_positions, _check_weight
+from convtool.resources import check_memory
 from convtool.spec import ConvSpec, build_conv
 
 SparseLayout = Literal["coo", "csr"]
@@ -209,18 +211,37 @@ def region_matrix(
     *,
     sparse: bool = False,
     layout: SparseLayout = "coo",
+    max_memory: int | None = None,
 ) -> Tensor:
     """The rows of `T` at the masked output positions, built from their own entries only.
 
     Returns `T[region_rows_for(spec, input_shape, mask)]`, shape `(C_out * M, C_in * P_in)` with
     `M = mask.sum()`: dense, or torch sparse (COO coalesced, or CSR). The work and memory are
-    proportional to the region's entries (`C_out * M * C_in/groups * K`), never to `T`'s.
+    proportional to the region's entries (`C_out * M * C_in/groups * K`), never to `T`'s; the
+    result's size is checked against `max_memory` bytes (default: available memory) first.
     """
     if sparse and layout not in ("coo", "csr"):
         raise ConvtoolError(f"sparse layout must be 'coo' or 'csr', got {layout!r}")
     weight = _check_weight(spec, weight)
     sample, out = _shapes(spec, input_shape)
     pos = region_positions(mask, out[1:])
+    shape_info = region_counts(spec, input_shape, mask)
+    item = weight.element_size()
+    if sparse:
+        need = sizes.sparse_build_bytes(shape_info["nnz"], shape_info["rows"], item)
+    else:
+        need = sizes.dense_bytes(shape_info["rows"], shape_info["cols"], item)
+    check_memory(
+        need,
+        f"the {'sparse' if sparse else 'dense'} {shape_info['rows']} x {shape_info['cols']} region "
+        f"matrix of {spec.describe()}",
+        "use sparse=True or a smaller region" if not sparse else "use a smaller region",
+        max_memory,
+        params=() if sparse else ("sparse",),
+    )
+    if weight.device.type != "cpu":  # index arithmetic on the CPU, result moved back
+        cpu = region_matrix(spec, weight.cpu(), input_shape, mask, sparse=sparse, layout=layout)
+        return cpu.to(weight.device)
     m_count = pos.numel()
     p_in = math.prod(sample[1:])
     g = spec.groups

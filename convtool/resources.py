@@ -44,25 +44,40 @@ def available_memory() -> int:
         return 1 << 62  # unknown platform: do not block
 
 
-def check_memory(nbytes: int, what: str, alternative: str, limit: int | None = None) -> None:
+def check_memory(
+    nbytes: int,
+    what: str,
+    alternative: str,
+    limit: int | None = None,
+    *,
+    params: tuple[str, ...] = (),
+    limit_param: str = "max_memory",
+) -> None:
     """Refuse (ConvtoolError) an allocation of `nbytes` that would not fit in memory.
 
     Args:
         nbytes: bytes about to be allocated.
         what: what it is, for the message ("a dense 3.1e6 x 2.0e6 float32 matrix").
-        alternative: what would work instead ("use --sparse").
-        limit: the user's limit (--max-memory); default: the machine's available memory.
+        alternative: what would work instead, in parameters ("use sparse=True").
+        limit: the caller's limit; default: the machine's available memory.
+        params: the parameters `alternative` names (see :class:`ConvtoolError`).
+        limit_param: the caller's name for `limit` (`max_memory`, `memory_limit`).
     """
     budget = available_memory() if limit is None else limit
     if nbytes > budget:
-        source = "--max-memory" if limit is not None else "available memory"
+        if limit is not None:
+            source, params = f"`{limit_param}` is ", (*params, limit_param)
+        else:
+            source = "available memory is "
         raise ConvtoolError(
-            f"{what} needs {human_bytes(nbytes)} but {source} is {human_bytes(budget)}; "
-            f"{alternative}"
+            f"{what} needs {human_bytes(nbytes)} but {source}{human_bytes(budget)}; {alternative}",
+            params=params,
         )
 
 
-def check_disk(path: Path, nbytes: int, what: str, alternative: str) -> None:
+def check_disk(
+    path: Path, nbytes: int, what: str, alternative: str, *, params: tuple[str, ...] = ()
+) -> None:
     """Refuse a write of `nbytes` into the folder of `path` that would not fit on its disk."""
     folder = path.parent if str(path.parent) else Path(".")
     try:
@@ -72,5 +87,6 @@ def check_disk(path: Path, nbytes: int, what: str, alternative: str) -> None:
     if nbytes > free:
         raise ConvtoolError(
             f"{what} needs {human_bytes(nbytes)} on disk but {str(folder)!r} has "
-            f"{human_bytes(free)} free; {alternative}"
+            f"{human_bytes(free)} free; {alternative}",
+            params=params,
         )

@@ -9,6 +9,7 @@ has one.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,50 @@ from torch import Tensor, nn
 from convtool.errors import ConvtoolError
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+# PyTorch holds every size, stride and element count in an int64: anything larger can never be
+# allocated or even described to it, so it is refused here, before any arithmetic on tensors.
+INT64_MAX = 2**63 - 1
+
+
+def _check_int64(value: int, what: str) -> None:
+    if value > INT64_MAX:
+        raise ConvtoolError(
+            f"{what} is {value}, more than the largest size PyTorch can hold (2**63 - 1)"
+        )
+
+
+def as_shape(value: Any, what: str = "input shape") -> tuple[int, ...]:
+    """A shape as a tuple of Python ints, refusing floats, bools, strings and int64 overflow.
+
+    Accepts ints and anything with `__index__` (numpy integers, `torch.Size`, int tensors of
+    one element); `(3, 8.5, 8)` or `(3, "8", 8)` are refused rather than truncated.
+    """
+    try:
+        if isinstance(value, (str, bytes, dict)):
+            raise TypeError
+        given = list(value)
+    except TypeError:
+        raise ConvtoolError(f"{what} must be a sequence of ints, got {value!r}") from None
+    items = []
+    for item in given:
+        try:
+            if isinstance(item, bool):
+                raise TypeError
+            number = operator.index(item)
+        except TypeError:
+            raise ConvtoolError(f"{what} must hold ints, got {_repr(value)}") from None
+        _check_int64(number, f"a size in {what} {_repr(value)}")
+        items.append(number)
+    return tuple(items)
+
+
+def _repr(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"tensor {value.tolist()!r}" if value.numel() <= 8 else "a tensor"
+    text = repr(tuple(value))
+    return text if len(text) <= 80 else text[:77] + "..."
+
 
 CONV_TYPES: dict[type[nn.Module], tuple[int, bool]] = {
     nn.Conv1d: (1, False),
@@ -63,6 +108,7 @@ def _tuple(
         if item < minimum:
             bound = "positive" if minimum == 1 else "non-negative"
             raise ConvtoolError(f"{name} must be {bound}, got {value!r}")
+        _check_int64(item, name)
     return items
 
 
@@ -130,6 +176,7 @@ class ConvSpec:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConvtoolError(f"{name} must be a positive int, got {value!r}")
+            _check_int64(value, name)
         kernel = _tuple(kernel_size, ndim, "kernel_size", minimum=1)
         strides = _tuple(stride, ndim, "stride", minimum=1)
         dilations = _tuple(dilation, ndim, "dilation", minimum=1)
@@ -257,6 +304,7 @@ class ConvSpec:
             raise ConvtoolError(f"kernel shape must be positive, got {_shape_str(shape)}")
         if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0:
             raise ConvtoolError(f"groups must be a positive int, got {groups!r}")
+        _check_int64(groups, "groups")
         if transposed:
             in_channels, out_channels = shape[0], shape[1] * groups
         else:
@@ -313,12 +361,7 @@ class ConvSpec:
 
         Accepts `(C_in, *spatial)` or a batched `(N, C_in, *spatial)` (the batch is dropped).
         """
-        try:
-            shape = tuple(int(s) for s in input_shape)
-        except (TypeError, ValueError):
-            raise ConvtoolError(
-                f"input shape must be a sequence of ints, got {input_shape!r}"
-            ) from None
+        shape = as_shape(input_shape)
         if len(shape) == self.ndim + 2:
             if shape[0] <= 0:
                 raise ConvtoolError(f"batch size must be positive, got {_shape_str(shape)}")
@@ -339,6 +382,7 @@ class ConvSpec:
             )
         if any(s <= 0 for s in shape[1:]):
             raise ConvtoolError(f"spatial sizes must be positive, got {_shape_str(shape)}")
+        _check_int64(math.prod(shape), f"the element count of one input sample {_shape_str(shape)}")
         return shape
 
     def checked_sample(self, input_shape: Sequence[int]) -> tuple[int, ...]:
@@ -372,7 +416,7 @@ class ConvSpec:
                         f"output size {size}; reduce padding={self.padding}"
                     )
                 out.append(size)
-            return (self.out_channels, *out)
+            return self._checked_output(shape, out)
         for n, k, s, d, (lo, hi) in zip(
             spatial, self.kernel_size, self.stride, self.dilation, self.pad_pairs, strict=True
         ):
@@ -387,6 +431,7 @@ class ConvSpec:
                     f"{n} (input {_shape_str(shape)}); use padding <= {n}"
                 )
             padded = n + lo + hi
+            _check_int64(padded, f"the padded input size (input {_shape_str(shape)})")
             extent = d * (k - 1) + 1
             if extent > padded:
                 raise ConvtoolError(
@@ -396,7 +441,16 @@ class ConvSpec:
                     f"padding={self.padding})"
                 )
             out.append((padded - extent) // s + 1)
-        return (self.out_channels, *out)
+        return self._checked_output(shape, out)
+
+    def _checked_output(self, shape: tuple[int, ...], spatial: list[int]) -> tuple[int, ...]:
+        out = (self.out_channels, *spatial)
+        _check_int64(
+            math.prod(out),
+            f"the output element count of {self.kind} on input {_shape_str(shape)} "
+            f"(output {_shape_str(out)})",
+        )
+        return out
 
     def describe(self) -> str:
         """Short human-readable summary, e.g. 'Conv2d(3, 16, kernel_size=(3, 3), stride=(1, 1))'."""

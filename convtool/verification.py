@@ -3,13 +3,13 @@
 The oracle is always PyTorch itself (the layer's module forward, i.e. `F.conv*d` after the padding
 map); the candidates are convtool's forms of the same layer in the same dtype:
 
-- ``toeplitz-dense`` / ``toeplitz-sparse``: `T @ x + b` with `T` from :func:`convtool.matrices`,
-- ``toeplitz-sampled``: when even the sparse `T` exceeds the memory budget, the exact rows of a
+- ``toeplitz_dense`` / ``toeplitz_sparse``: `T @ x + b` with `T` from :func:`convtool.matrices`,
+- ``toeplitz_sampled``: when even the sparse `T` exceeds the memory budget, the exact rows of a
   random sample of output channels (for a transposed conv: the exact columns of a random sample of
   input channels, fed an input that is zero elsewhere), built with
   :func:`convtool.matrices.coo_entries` one channel at a time,
 - ``lc``: the locally-connected module (not applicable to transposed convs),
-- ``fc-dense`` / ``fc-sparse``: the fully-connected module,
+- ``fc_dense`` / ``fc_sparse``: the fully-connected module,
 
 and, for a model, the whole converted model against the original (end to end).
 
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from convtool import convert, models
+from convtool import convert, models, sizes
 from convtool.compare import (
     Comparison,
     Tolerance,
@@ -44,6 +44,7 @@ from convtool.compare import (
     resolve_tolerance,
 )
 from convtool.errors import ConvtoolError
+from convtool.forms import Form, ModelTarget, Target, forms_of, model_forms_of
 from convtool.io.source import ConvLayer
 from convtool.matrices import bias_vector_for, coo_entries, matrix, matrix_info
 from convtool.resources import available_memory, human_bytes
@@ -67,13 +68,7 @@ __all__ = [
     "verify_layers",
 ]
 
-TARGETS = ("toeplitz", "lc", "fc", "all")
-_FORMS = {
-    "toeplitz": ("toeplitz-dense", "toeplitz-sparse"),
-    "lc": ("lc",),
-    "fc": ("fc-dense", "fc-sparse"),
-}
-_MODEL_FORMS = {"toeplitz": (), "lc": ("lc",), "fc": ("fc-dense", "fc-sparse")}
+TARGETS = tuple(Target)
 MODEL_NAME = "(model)"
 PASSED, FAILED, SKIPPED, NOT_APPLICABLE = "passed", "failed", "skipped", "not applicable"
 _SAMPLE_ENTRIES = 2 * 10**7  # template entries x channels a sampled check may touch
@@ -87,8 +82,8 @@ class FormCheck:
 
     Attributes:
         name: layer name, or '(model)' for the end-to-end comparison.
-        form: 'toeplitz-dense', 'toeplitz-sparse', 'toeplitz-sampled', 'lc', 'fc-dense',
-            'fc-sparse'.
+        form: a :class:`~convtool.forms.Form`: 'toeplitz_dense', 'toeplitz_sparse',
+            'toeplitz_sampled', 'lc', 'fc_dense', 'fc_sparse'.
         status: 'passed', 'failed', 'skipped' (too large for the memory budget; see `note`) or
             'not applicable' (the LC form of a transposed conv).
         comparison: the errors, when a comparison ran.
@@ -210,19 +205,13 @@ def conv_module(
 
 
 def form_names(to: str) -> tuple[str, ...]:
-    """Per-layer forms checked for `--to` ('toeplitz', 'lc', 'fc' or 'all')."""
-    return tuple(f for t in _targets(to) for f in _FORMS[t])
+    """Per-layer forms checked for `to` ('toeplitz', 'lc', 'fc' or 'all')."""
+    return forms_of(to)
 
 
 def model_form_names(to: str) -> tuple[str, ...]:
-    """End-to-end forms checked for `--to`."""
-    return tuple(f for t in _targets(to) for f in _MODEL_FORMS[t])
-
-
-def _targets(to: str) -> tuple[str, ...]:
-    if to not in TARGETS:
-        raise ConvtoolError(f"--to must be one of {', '.join(TARGETS)}, got {to!r}")
-    return ("toeplitz", "lc", "fc") if to == "all" else (to,)
+    """End-to-end forms checked for `to`."""
+    return model_forms_of(to)
 
 
 def input_labels(trials: int) -> list[str]:
@@ -303,7 +292,7 @@ def check_layer(
     layer: ConvLayer | nn.Module,
     input_shape: Sequence[int],
     *,
-    to: str = "all",
+    to: str = Target.ALL,
     dtype: torch.dtype | str = torch.float64,
     trials: int = 3,
     seed: int = 0,
@@ -370,6 +359,23 @@ def _prepare(
     spec = layer.spec
     sample = spec.sample_shape(input_shape)
     out = spec.output_shape(sample)
+    for what, t in (("weight", layer.weight), ("bias", layer.bias)):
+        if isinstance(t, Tensor) and t.is_meta:
+            raise ConvtoolError(
+                f"the {what} of {layer.name!r} is on the meta device and holds no values; "
+                f"materialise it first (e.g. module.to_empty(device='cpu') then load_state_dict)"
+            )
+    # The oracle itself must run whatever max_memory (a per-form budget) says: its inputs and
+    # outputs, and as much again while comparing (see _io_bytes), must fit in the machine.
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    io_bytes = (trials + 2) * (math.prod(sample) + math.prod(out)) * itemsize * 2
+    if io_bytes > available_memory():
+        raise ConvtoolError(
+            f"checking {spec.describe()} on input {sample} (output {out}) needs "
+            f"{human_bytes(io_bytes)} for {trials + 2} inputs and the conv's outputs, more than "
+            f"the available memory ({human_bytes(available_memory())}); use a smaller input "
+            f"shape or fewer trials"
+        )
     weight = layer.weight.detach().to(dtype)
     bias = layer.bias.detach().to(dtype) if layer.bias is not None else None
     oracle = conv_module(spec, weight, bias, dtype)
@@ -392,8 +398,7 @@ def _too_big(need: int, budget: int) -> str:
 
 
 def _sparse_need(nnz: int, rows: int, itemsize: int) -> int:
-    # indices + values while building, plus one copy while converting (as `convtool toeplitz`)
-    return 2 * nnz * (16 + itemsize) + 8 * (rows + 1)
+    return sizes.sparse_build_bytes(nnz, rows, itemsize)
 
 
 def _io_bytes(run: _LayerRun) -> int:
@@ -404,10 +409,12 @@ def _toeplitz_dense(run: _LayerRun) -> FormCheck:
     info = matrix_info(run.spec, run.sample, run.weight.dtype)
     need = info.dense_bytes + _io_bytes(run)
     if need > run.budget:
-        return run.result("toeplitz-dense", SKIPPED, note=f"dense T {_too_big(need, run.budget)}")
+        return run.result(
+            Form.TOEPLITZ_DENSE, SKIPPED, note=f"dense T {_too_big(need, run.budget)}"
+        )
     t = matrix(run.spec, run.weight, run.sample)
     y = run.x.reshape(run.x.shape[0], -1) @ t.T + _bias(run)
-    return run.judge("toeplitz-dense", y.reshape(run.expected.shape))
+    return run.judge(Form.TOEPLITZ_DENSE, y.reshape(run.expected.shape))
 
 
 def _bias(run: _LayerRun) -> Tensor:
@@ -421,7 +428,7 @@ def _toeplitz_sparse(run: _LayerRun) -> FormCheck:
         return _toeplitz_sampled(run, f"sparse T {_too_big(need, run.budget)}")
     t = matrix(run.spec, run.weight, run.sample, sparse=True, layout="csr")
     y = (t @ run.x.reshape(run.x.shape[0], -1).T).T + _bias(run)
-    return run.judge("toeplitz-sparse", y.reshape(run.expected.shape))
+    return run.judge(Form.TOEPLITZ_SPARSE, y.reshape(run.expected.shape))
 
 
 def _toeplitz_sampled(run: _LayerRun, why: str) -> FormCheck:
@@ -432,7 +439,7 @@ def _toeplitz_sampled(run: _LayerRun, why: str) -> FormCheck:
     fit = min(room, max(1, _SAMPLE_ENTRIES // _entries(run)), 8)
     if fit < 1:
         return run.result(
-            "toeplitz-sampled", SKIPPED,
+            Form.TOEPLITZ_SAMPLED, SKIPPED,
             note=f"{why}; even one channel's rows {_too_big(per_channel, run.budget)}",
         )  # fmt: skip
     gen = torch.Generator().manual_seed(run.seed + 1)
@@ -441,7 +448,7 @@ def _toeplitz_sampled(run: _LayerRun, why: str) -> FormCheck:
         actual = _sampled_rows(run, [int(c) for c in picks])
         expected = run.expected[:, picks]
         what = f"rows of {len(picks)} of {spec.out_channels} output channels ({_list(picks)})"
-        return run.judge("toeplitz-sampled", actual, f"{why}; checked the {what}", expected)
+        return run.judge(Form.TOEPLITZ_SAMPLED, actual, f"{why}; checked the {what}", expected)
     # T = F^T: columns of T are rows of the forward matrix F, one per input channel.
     picks = torch.randperm(spec.in_channels, generator=gen)[:fit].sort().values
     mask = torch.zeros(spec.in_channels, dtype=torch.bool)
@@ -452,7 +459,7 @@ def _toeplitz_sampled(run: _LayerRun, why: str) -> FormCheck:
     actual = _sampled_columns(run, x, [int(c) for c in picks])
     what = f"columns of {len(picks)} of {spec.in_channels} input channels ({_list(picks)})"
     note = f"{why}; checked the {what} on inputs zero elsewhere"
-    return run.judge("toeplitz-sampled", actual, note, expected)
+    return run.judge(Form.TOEPLITZ_SAMPLED, actual, note, expected)
 
 
 def _list(picks: Tensor) -> str:
@@ -509,16 +516,16 @@ def _lc_need(run: _LayerRun) -> int:
 def _lc(run: _LayerRun) -> FormCheck:
     if run.spec.transposed:
         return run.result(
-            "lc", NOT_APPLICABLE, note="a transposed conv has no locally-connected form"
+            Form.LC, NOT_APPLICABLE, note="a transposed conv has no locally-connected form"
         )
     need = _lc_need(run)
     if need > run.budget:
-        return run.result("lc", SKIPPED, note=f"LC module {_too_big(need, run.budget)}")
-    return _module_form(run, "lc", lambda conv: convert.to_locally_connected(conv, run.sample))
+        return run.result(Form.LC, SKIPPED, note=f"LC module {_too_big(need, run.budget)}")
+    return _module_form(run, Form.LC, lambda conv: convert.to_locally_connected(conv, run.sample))
 
 
 def _fc(run: _LayerRun, sparse: bool) -> FormCheck:
-    form = "fc-sparse" if sparse else "fc-dense"
+    form = Form.FC_SPARSE if sparse else Form.FC_DENSE
     info = matrix_info(run.spec, run.sample, run.weight.dtype)
     sparse_need = _sparse_need(info.nnz, info.shape[0], info.itemsize)
     need = (sparse_need if sparse else 2 * info.dense_bytes) + _io_bytes(run)
@@ -542,11 +549,11 @@ def _module_form(run: _LayerRun, form: str, build: Callable[[nn.Module], nn.Modu
 
 
 _FORM_CHECKS: dict[str, Callable[[_LayerRun], FormCheck]] = {
-    "toeplitz-dense": _toeplitz_dense,
-    "toeplitz-sparse": _toeplitz_sparse,
-    "lc": _lc,
-    "fc-dense": lambda run: _fc(run, sparse=False),
-    "fc-sparse": lambda run: _fc(run, sparse=True),
+    Form.TOEPLITZ_DENSE: _toeplitz_dense,
+    Form.TOEPLITZ_SPARSE: _toeplitz_sparse,
+    Form.LC: _lc,
+    Form.FC_DENSE: lambda run: _fc(run, sparse=False),
+    Form.FC_SPARSE: lambda run: _fc(run, sparse=True),
 }
 
 
@@ -588,7 +595,7 @@ def check_model(
     model: nn.Module,
     example_shape: Sequence[int],
     *,
-    to: str = "all",
+    to: str = Target.ALL,
     dtype: torch.dtype | str = torch.float64,
     trials: int = 3,
     seed: int = 0,
@@ -665,7 +672,7 @@ def _model_need(run: _ModelRun, form: str, names: set[str]) -> int:
     for name in names & set(shapes):
         spec = ConvSpec.from_module(run.reference.get_submodule(name))
         info = matrix_info(spec, shapes[name], run.inputs.dtype)
-        if form == "fc-dense":
+        if form == Form.FC_DENSE:
             total += 2 * info.dense_bytes
         else:
             total += _sparse_need(info.nnz, info.shape[0], info.itemsize)
@@ -674,8 +681,9 @@ def _model_need(run: _ModelRun, form: str, names: set[str]) -> int:
 
 def _model_form(run: _ModelRun, form: str) -> FormCheck:
     names = set(run.layers) if run.layers is not None else _conv_names(run.reference)
-    to, sparse = ("lc", False) if form == "lc" else ("fc", form == "fc-sparse")
-    kept = _transposed_names(run.reference, names) if to == "lc" else []
+    to = ModelTarget.LC if form == Form.LC else ModelTarget.FC
+    sparse = form == Form.FC_SPARSE
+    kept = _transposed_names(run.reference, names) if to == ModelTarget.LC else []
     names -= set(kept)
     notes = [f"transposed convs have no LC form, kept: {', '.join(kept)}"] if kept else []
     if not names:
@@ -726,7 +734,7 @@ def verify_layers(
     *,
     model: nn.Module | None = None,
     example_shape: Sequence[int] | None = None,
-    to: str = "all",
+    to: str = Target.ALL,
     dtype: torch.dtype | str = torch.float64,
     trials: int = 3,
     seed: int = 0,
@@ -799,7 +807,7 @@ def verify(
     target: nn.Module | ConvLayer,
     input_shape: Sequence[int],
     *,
-    to: str = "all",
+    to: str = Target.ALL,
     dtype: torch.dtype | str = torch.float64,
     trials: int = 3,
     seed: int = 0,

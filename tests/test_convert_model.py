@@ -57,7 +57,7 @@ def test_converted_model_equals_original(case: str, to: str, sparse: bool) -> No
     x = inputs(shape)
     expected = model(x)
     if to == "lc" and case == "transposed":
-        with pytest.raises(ConvtoolError, match=r"'up' is a ConvTranspose2d.*--to fc"):
+        with pytest.raises(ConvtoolError, match=r"'up' is a ConvTranspose2d.*to='fc'"):
             convert_model(model, shape, to=to)
         return
     converted = convert_model(model, shape, to=to, sparse=sparse)
@@ -120,7 +120,7 @@ def test_layers_pattern() -> None:
 
 
 def test_memory_is_checked_before_building() -> None:
-    with pytest.raises(ConvtoolError, match=r"dense FC.*--max-memory.*use --sparse or --to lc"):
+    with pytest.raises(ConvtoolError, match=r"dense FC.*`memory_limit`.*sparse=True or to='lc'"):
         convert_with_report(mt.make_mixed(), mt.MIXED_INPUT, to="fc", memory_limit=1000)
 
 

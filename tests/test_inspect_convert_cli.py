@@ -233,9 +233,9 @@ def test_convert_no_clobber_and_force(files: dict[str, Path], tmp_path: Path) ->
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--to", "toeplitz", "-o", "x.pt2"], "--to must be lc or fc"),
+        (["--to", "toeplitz", "-o", "x.pt2"], "Invalid value for '--to'"),
         (["--to", "lc", "--sparse", "-o", "x.pt2"], "--sparse applies to --to fc"),
-        (["--to", "lc", "-o", "x.onnx"], "cannot tell the output format"),
+        (["--to", "lc", "-o", "x.txt"], "cannot tell the output format"),
         (["--to", "fc", "-o", "x.pt2", "--max-memory", "1K"], "use --sparse or --to lc"),
         (["--to", "lc", "-o", "x.pt2", "--layers", "nope*"], "'nope*' matches no conv layer"),
         (["-o", "x.pt2"], "Missing option '--to'"),

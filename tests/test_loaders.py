@@ -151,7 +151,7 @@ def test_model_from_a_python_file() -> None:
 
 def test_state_dict_without_model_names_the_layers(tmp_path: Path) -> None:
     torch.save(mt.make_mixed().state_dict(), tmp_path / "w.pt")
-    with pytest.raises(ConvtoolError, match="--model MODULE:CALLABLE"):
+    with pytest.raises(ConvtoolError, match="model='MODULE:CALLABLE'"):
         load_source(tmp_path / "w.pt", opts())
     # one entry of it is still a kernel source
     src = load_source(tmp_path / "w.pt", opts(layer="seq", flags=ConvFlags(padding=1)))
@@ -273,7 +273,7 @@ def test_malicious_pickle_is_never_run(tmp_path: Path) -> None:
     for options in (opts(), opts(model=MODEL)):
         with pytest.raises(ConvtoolError) as err:
             load_source(path, options)
-        assert "--allow-pickle" in str(err.value) and "evil.pt" in str(err.value)
+        assert "allow_pickle=True" in str(err.value) and "evil.pt" in str(err.value)
         assert "system" in str(err.value)  # says what it wanted to import
     assert not marker.exists()
 
@@ -282,7 +282,7 @@ def test_pickled_module_needs_the_flag(tmp_path: Path) -> None:
     model = mt.make_mixed()
     path = tmp_path / "full.pt"
     torch.save(model, path)
-    with pytest.raises(ConvtoolError, match=r"'.*full\.pt'.*--allow-pickle"):
+    with pytest.raises(ConvtoolError, match=r"'.*full\.pt'.*allow_pickle=True"):
         load_source(path, opts())
     src = load_source(path, opts(allow_pickle=True))
     assert src.kind == "pickle"
@@ -311,9 +311,9 @@ def test_options_that_do_not_fit_the_source(
     tmp_path: Path, exported: tuple[Path, nn.Module]
 ) -> None:
     torch.save(mt.make_mixed().state_dict(), tmp_path / "w.pt")
-    with pytest.raises(ConvtoolError, match="--model-kwargs goes with --model"):
+    with pytest.raises(ConvtoolError, match="`model_kwargs` goes with model="):
         load_source(tmp_path / "w.pt", opts(model_kwargs="{}"))
-    with pytest.raises(ConvtoolError, match=r"torch\.export program.*drop --model"):
+    with pytest.raises(ConvtoolError, match=r"torch\.export program.*drop model="):
         load_source(exported[0], opts(model=MODEL))
     with pytest.raises(ConvtoolError, match=r"no conv layer named 'nope'.*stem"):
         load_source(exported[0], opts(layer="nope"))

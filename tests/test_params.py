@@ -363,15 +363,6 @@ def test_bad_input_is_a_convtool_error() -> None:
         count_params("conv")  # type: ignore[arg-type]
 
 
-def test_core_module_does_not_import_typer_or_rich() -> None:
-    code = (
-        "import sys, convtool.params; "
-        "bad = [m for m in ('typer', 'rich') if m in sys.modules]; "
-        "sys.exit(1 if bad else 0)"
-    )
-    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
-
-
 BENCHMARK = Path(__file__).parents[1] / "benchmarks" / "count_params.py"
 
 

@@ -16,8 +16,8 @@ from torch import nn
 
 import convtool
 from convtool import ConvSpec, ConvtoolError, RegionConv, channel_sum_conv, region_rows, toeplitz
-from convtool.matrices import structural_nnz, tap_count
 from convtool.region import parse_box, region_counts
+from convtool.sizes import structural_nnz, tap_count
 
 
 @pytest.fixture(autouse=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from tests.safety_helpers import COMMANDS, REPO, one_line_error, run
@@ -207,3 +208,79 @@ def test_nonfinite_weights_fail_verification(tmp_path: Path) -> None:
     result = run("verify", _kernel(tmp_path, w), "-i", "2,8,8", "--trials", "1")
     assert result.exit_code == 1
     assert "FAILED" in result.stdout
+
+
+# ------------------------------------------------------------------ NaN/inf, dtypes, byte order
+def _nan_kernel(tmp: Path) -> Path:
+    w = np.ones((4, 2, 3, 3), dtype=np.float32)
+    w[0, 0, 0, 0] = np.inf
+    w[1, 1, 1, 1] = np.nan
+    return _kernel(tmp, w)
+
+
+@pytest.mark.parametrize("command", ["toeplitz", "convert", "count-params", "inspect"])
+def test_nonfinite_weights_are_refused_by_every_command_but_verify(
+    tmp_path: Path, command: str
+) -> None:
+    """Same treatment everywhere (README): exit 2 naming the flag; --allow-nonfinite lets the
+    run go through (verify instead reports the failed comparison, exit 1)."""
+    source = _nan_kernel(tmp_path)
+    extra = ["-o", tmp_path / "out.pt"] if command == "convert" else []
+    message = one_line_error(run(command, source, "-i", "2,8,8", *COMMANDS[command], *extra))
+    assert "2 NaN/inf" in message and "--allow-nonfinite" in message
+    assert not (tmp_path / "out.pt").exists()
+    allowed = run(command, source, "-i", "2,8,8", *COMMANDS[command], *extra, "--allow-nonfinite")
+    assert allowed.exit_code == 0, allowed.stderr
+
+
+def test_nonfinite_model_weights_are_refused_too(tmp_path: Path) -> None:
+    from tests.models_for_tests import make_mixed
+
+    model = make_mixed()
+    state = model.state_dict()
+    first = next(k for k, v in state.items() if k.endswith("weight") and v.dim() >= 3)
+    state[first].view(-1)[0] = float("nan")
+    torch.save(state, tmp_path / "m.pt")
+    args = ["--model", "tests.models_for_tests:make_mixed", "-i", "2,3,16,16"]
+    for command in ("count-params", "inspect"):
+        message = one_line_error(run(command, tmp_path / "m.pt", *args))
+        assert "NaN/inf" in message
+    assert run("verify", tmp_path / "m.pt", *args, "--trials", "1").exit_code == 1
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_float8_kernel_is_refused_clearly(tmp_path: Path, command: str) -> None:
+    save_file({"weight": torch.ones(4, 2, 3, 3).to(torch.float8_e4m3fn)}, str(tmp_path / "w.st"))
+    (tmp_path / "w.st").rename(tmp_path / "w.safetensors")
+    extra = ["-o", tmp_path / "out.pt"] if command == "convert" else []
+    source = tmp_path / "w.safetensors"
+    message = one_line_error(run(command, source, "-i", "2,8,8", *COMMANDS[command], *extra))
+    assert "float8_e4m3fn" in message and "float32" in message
+
+
+def test_big_endian_npy_is_read(tmp_path: Path) -> None:
+    w = np.random.default_rng(0).standard_normal((4, 2, 3, 3))
+    np.save(tmp_path / "w.npy", w.astype(">f8"))
+    np.savez(tmp_path / "w.npz", weight=w.astype(">f4"))
+    x = torch.randn(2, 7, 8, dtype=torch.float64)
+    for name, dtype in (("w.npy", torch.float64), ("w.npz", torch.float32)):
+        out = tmp_path / f"T_{name}.npy"
+        result = run("toeplitz", tmp_path / name, "-i", "2,7,8", "--padding", "1", "-o", out)
+        assert result.exit_code == 0, result.stderr
+        t = torch.from_numpy(np.load(out))
+        assert t.dtype == dtype
+        expected = F.conv2d(x[None], torch.from_numpy(w), padding=1).flatten()
+        torch.testing.assert_close(t.double() @ x.flatten(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_int_kernel_is_computed_exactly_in_float64(tmp_path: Path) -> None:
+    w = np.arange(72, dtype=np.int32).reshape(4, 2, 3, 3) % 5 - 2
+    np.save(tmp_path / "w.npy", w)
+    result = run("toeplitz", tmp_path / "w.npy", "-i", "2,6,6", "-o", tmp_path / "T.npy")
+    assert result.exit_code == 0, result.stderr
+    t = torch.from_numpy(np.load(tmp_path / "T.npy"))
+    assert t.dtype == torch.float64
+    x = torch.randn(2, 6, 6, dtype=torch.float64)
+    expected = F.conv2d(x[None], torch.from_numpy(w).double()).flatten()
+    torch.testing.assert_close(t @ x.flatten(), expected)
+    assert run("verify", tmp_path / "w.npy", "-i", "2,6,6", "--trials", "1").exit_code == 0

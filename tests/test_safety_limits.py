@@ -6,6 +6,8 @@ sparse or streaming alternative, and leaves nothing behind.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from convtool.resources import available_memory
+from tests.cli_worker import PEAK_LIMIT, Worker
 from tests.safety_helpers import one_line_error, run
 
 
@@ -51,8 +54,6 @@ def test_counting_a_huge_layer_costs_nothing(tmp_path: Path) -> None:
     np.save(tmp_path / "big.npy", np.ones((16, 16, 3, 3), dtype=np.float32))
     result = run("count-params", tmp_path / "big.npy", *PETA, "--json")
     assert result.exit_code == 0, result.stderr
-    import json
-
     layer = json.loads(result.stdout)["layers"][0]
     assert layer["fc_params"] == (16 * 2048 * 2048) ** 2  # no bias
 
@@ -100,3 +101,85 @@ def test_streamed_npy_needs_the_disk_not_the_memory(kernel: Path, tmp_path: Path
     w = torch.from_numpy(np.load(kernel))
     x = torch.randn(4, 24, 24)
     torch.testing.assert_close(t @ x.flatten(), F.conv2d(x[None], w).flatten())
+
+
+# ------------------------------------------------------------------ absurd sizes, every command
+# (probe, extra args) x subcommand -> expected exit code and a word of the message. Every run
+# stays under PEAK_LIMIT of resident memory: refusals come before any allocation, and what is
+# accepted (summaries, analytic counts, shapes) never builds anything over output positions.
+HUGE_INPUT = ["-i", "3,99999999,99999999"]
+HUGE_PADDING = ["-i", "3,8,8", "--padding", "99999999"]
+HUGE_STRIDE = ["-i", "3,8,8", "--stride", "99999999999999999999"]
+PROBES: dict[str, list[str]] = {
+    "input 3,99999999,99999999": HUGE_INPUT,
+    "padding 99999999": HUGE_PADDING,
+    "stride 99999999999999999999": HUGE_STRIDE,
+    "groups 99999999999999999999": ["-i", "3,8,8", "--groups", "99999999999999999999"],
+    "dilation 9223372036854775807": ["-i", "3,8,8", "--dilation", "9223372036854775807"],
+    "input 3,2**62,2**62": ["-i", f"3,{2**62},{2**62}"],
+}
+SUBCOMMANDS: dict[str, list[str]] = {
+    "toeplitz": [],
+    "toeplitz -o T.npy": ["-o", "T.npy"],
+    "toeplitz --sparse -o T.npz": ["--sparse", "-o", "T.npz"],
+    "count-params": ["--json"],
+    "inspect": ["--json"],
+    "verify": ["--trials", "1"],
+    "convert": ["--to", "lc", "-o", "m.pt"],
+}
+OK, NEEDS, INT64 = (0, ""), (2, "needs"), (2, "2**63 - 1")
+EXPECTED: dict[str, dict[str, tuple[int, str]]] = {
+    "input 3,99999999,99999999": {
+        "toeplitz": OK, "toeplitz -o T.npy": NEEDS, "toeplitz --sparse -o T.npz": NEEDS,
+        "count-params": OK, "inspect": OK, "verify": NEEDS, "convert": NEEDS,
+    },
+    "padding 99999999": {
+        "toeplitz": OK, "toeplitz -o T.npy": NEEDS, "toeplitz --sparse -o T.npz": NEEDS,
+        "count-params": OK, "inspect": OK, "verify": NEEDS, "convert": NEEDS,
+    },
+    "stride 99999999999999999999": dict.fromkeys(SUBCOMMANDS, INT64),
+    "groups 99999999999999999999": dict.fromkeys(SUBCOMMANDS, INT64),
+    "dilation 9223372036854775807": dict.fromkeys(SUBCOMMANDS, (2, "kernel size")),
+    "input 3,2**62,2**62": dict.fromkeys(SUBCOMMANDS, INT64),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def probe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("probes")
+    np.save(folder / "w.npy", np.ones((4, 3, 3, 3), dtype=np.float32))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def worker(probe_dir: Path) -> Iterator[Worker]:
+    w = Worker(probe_dir)
+    yield w
+    w.close()
+
+
+@pytest.mark.parametrize("command", list(SUBCOMMANDS))
+@pytest.mark.parametrize("probe", list(PROBES))
+def test_absurd_sizes_in_every_command(
+    worker: Worker, probe_dir: Path, probe: str, command: str
+) -> None:
+    name = command.split(" ", 1)[0]
+    args = [name, str(probe_dir / "w.npy"), *PROBES[probe], *SUBCOMMANDS[command]]
+    result = worker.run(args)
+    code, word = EXPECTED[probe][command]
+    assert result["code"] == code, (args, result)
+    assert "bug in convtool" not in result["stderr"] and "Traceback" not in result["stderr"]
+    if code == 2:
+        assert result["stderr"].count("\n") == 1 and word in result["stderr"], result["stderr"]
+    assert result["peak"] < PEAK_LIMIT, (args, result["peak"])
+    assert sorted(p.name for p in probe_dir.iterdir()) == ["w.npy"]  # nothing left behind
+
+
+def test_huge_counts_are_exact(probe_dir: Path) -> None:
+    result = run("count-params", probe_dir / "w.npy", *HUGE_PADDING, "--json")
+    assert result.exit_code == 0, result.stderr
+    layer = json.loads(result.stdout)["layers"][0]
+    out = 8 + 2 * 99999999 - 2
+    assert layer["output_shape"] == [4, out, out]
+    assert layer["fc_params"] == 4 * out * out * 3 * 64
+    assert layer["fc_nonzero"] == 4 * 3 * (8 * 3) ** 2  # only taps on the 8x8 input

@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from convtool.cli import convert_cmd, toeplitz_cmd
+from convtool import matrix_output
+from convtool.cli import convert_cmd
 from tests.safety_helpers import one_line_error, run
 
 WRITERS = {
-    "toeplitz": (["-i", "2,8,8"], toeplitz_cmd.mf, "write_pt"),
+    "toeplitz": (["-i", "2,8,8"], matrix_output.mf, "write_pt"),
     "convert": (["-i", "2,8,8", "--to", "fc"], convert_cmd.mfiles, "write_state_dict"),
 }
 
@@ -121,7 +122,7 @@ def test_streamed_npy_failure_leaves_nothing(kernel: Path, monkeypatch) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         yield  # pragma: no cover
 
-    monkeypatch.setattr(toeplitz_cmd, "dense_row_blocks", failing_blocks)
+    monkeypatch.setattr(matrix_output, "dense_row_blocks", failing_blocks)
     one_line_error(run("toeplitz", kernel, "-i", "2,8,8", "-o", kernel.parent / "T.npy"))
     assert listing(kernel.parent) == ["w.npy"]
 

@@ -41,7 +41,7 @@ def test_kernel_passes_with_table_and_exit_0(kernel: Path) -> None:
     r = run(kernel, "--input-shape", "4,7,6", "--bias", kernel.with_name("b.npy"), *FLAGS)
     assert r.exit_code == 0, r.stderr
     assert r.stderr == ""
-    for form in ("toeplitz-dense", "toeplitz-sparse", "lc", "fc-dense", "fc-sparse"):
+    for form in ("toeplitz_dense", "toeplitz_sparse", "lc", "fc_dense", "fc_sparse"):
         assert form in r.stdout
     last = r.stdout.strip().splitlines()[-1]
     assert last.startswith("PASSED: 5 of 5 comparisons"), last
@@ -107,7 +107,7 @@ def test_small_max_memory_samples_rows(tmp_path: Path) -> None:
     r = run(tmp_path / "w.npy", "-i", "4,9,10", "--groups", "2", "--padding", "2", "--stride", "2",
             "--to", "toeplitz", "--max-memory", "400K")  # fmt: skip
     assert r.exit_code == 0, r.stdout
-    assert "toeplitz-sampled" in r.stdout and "skipped" in r.stdout
+    assert "toeplitz_sampled" in r.stdout and "skipped" in r.stdout
     assert "output channels" in r.stdout
 
 
@@ -115,7 +115,7 @@ def test_small_max_memory_samples_rows(tmp_path: Path) -> None:
     ("args", "message"),
     [
         (["--rtol", "1e-3"], "--rtol was given without --atol"),
-        (["--to", "conv"], "--to must be one of"),
+        (["--to", "conv"], "Invalid value for '--to'"),
         (["--dtype", "int8"], "dtype must be float32 or float64"),
         (["--trials", "-1"], "must be non-negative"),
         (["--layers", "nope*"], "matches no conv layer"),
@@ -158,7 +158,7 @@ def test_model_source_per_layer_and_end_to_end(state_dict: Path) -> None:
     conv3 = next(e for e in data["layers"] if e["name"] == "conv3")
     assert conv3["input_shape"] == [8, 36]
     e2e = {e["form"]: e for e in data["end_to_end"]}
-    assert set(e2e) == {"lc", "fc-dense", "fc-sparse"}
+    assert set(e2e) == {"lc", "fc_dense", "fc_sparse"}
     assert all(e["passed"] and e["max_abs_error"] <= 1e-10 for e in e2e.values())
     assert e2e["lc"]["input_shape"] == [2, 3, 12, 12] and "kept: up" in e2e["lc"]["note"]
 
@@ -182,7 +182,7 @@ def test_model_source_nan_weight_exit_1(tmp_path: Path) -> None:
     assert r.exit_code == 1
     data = as_json(r)
     failed = {(e["name"], e["form"]) for e in data["layers"] if e["passed"] is False}
-    assert ("conv2", "fc-dense") in failed and ("conv1", "fc-dense") not in failed
+    assert ("conv2", "fc_dense") in failed and ("conv1", "fc_dense") not in failed
     assert all(e["passed"] is False for e in data["end_to_end"])
 
 

@@ -5,15 +5,20 @@ Exit codes: 0 success / equivalent, 1 verification mismatch, 2 bad input or usag
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+import threading
 import traceback
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 import typer
 from typer.core import TyperGroup
 
 from convtool import __version__
+from convtool.cli.flags import cli_message
 from convtool.errors import ConvtoolError
 
 EXIT_OK, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
@@ -29,6 +34,37 @@ def _fail(message: str) -> None:
     sys.exit(EXIT_USAGE)
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived: unwind like KeyboardInterrupt, so temporary files go."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _signals_unwind() -> Iterator[None]:
+    """Turn SIGTERM/SIGHUP into an exception for the length of a command (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    wanted = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s]
+    previous = {}
+    for signum in wanted:
+        with contextlib.suppress(OSError, ValueError):
+            previous[signum] = signal.signal(signum, _on_signal)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            with contextlib.suppress(OSError, ValueError):
+                signal.signal(signum, handler)
+
+
 class _Group(TyperGroup):
     """Runs commands with click's standalone handling off, so every failure is one line."""
 
@@ -36,7 +72,12 @@ class _Group(TyperGroup):
         argv = list(sys.argv[1:] if args is None else args)
         kwargs["standalone_mode"] = False
         try:
-            result = super().main(argv, *posargs, **kwargs)
+            with _signals_unwind():
+                result = super().main(argv, *posargs, **kwargs)
+        except Terminated as exc:
+            name = signal.Signals(exc.signum).name
+            typer.echo(f"convtool: stopped by {name}; unfinished outputs were removed", err=True)
+            sys.exit(128 + exc.signum)
         except typer.Exit as exc:
             sys.exit(exc.exit_code)
         except typer.Abort:
@@ -52,7 +93,7 @@ class _Group(TyperGroup):
         except ConvtoolError as exc:
             if _debug_requested(argv):
                 traceback.print_exc()
-            _fail(str(exc))
+            _fail(cli_message(exc))  # the library's parameters, said as flags
         except KeyboardInterrupt:
             typer.echo("convtool: interrupted", err=True)
             sys.exit(130)

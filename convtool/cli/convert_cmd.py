@@ -11,8 +11,12 @@ import typer
 
 from convtool.cli import options as opt
 from convtool.cli.app import app
+from convtool.cli.convert_onnx import ONNX_SUFFIXES, check_request, convert_onnx_output
+from convtool.cli.flags import cli_text
 from convtool.cli.progress import progress
+from convtool.describe import ConvertResult
 from convtool.errors import ConvtoolError
+from convtool.forms import ModelTarget
 from convtool.io import model_files as mfiles
 from convtool.io.source import Source, check_finite
 from convtool.io.writers import atomic_outputs, check_target
@@ -23,9 +27,10 @@ from convtool.resources import check_disk
 from convtool.spec import build_conv
 
 ToOpt = Annotated[
-    str,
+    ModelTarget,
     typer.Option(
         "--to",
+        case_sensitive=False,
         help="lc: locally connected (one kernel copy per output position); fc: fully "
         "connected (the exact matrix T).",
         show_default=False,
@@ -48,8 +53,28 @@ OutputOpt = Annotated[
         "--output",
         "-o",
         help=".pt2: torch.export program that runs without convtool; .pt / "
-        ".safetensors: the converted state_dict (reload with convtool.load_converted).",
+        ".safetensors: the converted state_dict (reload with convtool.load_converted); .onnx: "
+        "ONNX with the LC/FC forms as standard ops (dynamic batch); .nnet: the folded network "
+        "in NNet format.",
         show_default=False,
+    ),
+]
+FoldOpt = Annotated[
+    bool,
+    typer.Option(
+        "--fold",
+        help="With --to fc and -o .onnx/.nnet: fold every linear stretch between ReLUs (convs, "
+        "BatchNorm, average pooling, pads, reshapes, Linear) into one affine layer.",
+    ),
+]
+OpsetOpt = Annotated[
+    int | None, typer.Option("--opset", help="ONNX opset of a .onnx output (default 18).")
+]
+InputBoundsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--input-bounds",
+        help="LO,HI: the input domain written into a .nnet file (default: the float32 range).",
     ),
 ]
 
@@ -102,6 +127,9 @@ def convert_command(
     allow_pickle: opt.AllowPickleOpt = False,
     allow_nonfinite: opt.AllowNonfiniteOpt = False,
     max_memory: opt.MaxMemoryOpt = None,
+    fold: FoldOpt = False,
+    opset: OpsetOpt = None,
+    input_bounds: InputBoundsOpt = None,
 ) -> None:
     """Replace every (or every --layers) conv of a model by its LC or FC form and write it.
 
@@ -111,11 +139,13 @@ def convert_command(
     Example: convtool convert weights.pt --model mypkg.nets:make_net --input-shape 1,3,32,32
     --to lc -o net_lc.pt2
     """
-    target = to.strip().lower()
-    if target not in ("lc", "fc"):
-        raise ConvtoolError(f"--to must be lc or fc, got {to!r}")
-    if sparse and target != "fc":
+    target = to
+    if sparse and target != ModelTarget.FC:
         raise ConvtoolError("--sparse applies to --to fc (an LC layer stores only its taps)")
+    bounds = check_request(output, target, sparse, fold, opset, input_bounds)
+    if output.suffix.lower() in ONNX_SUFFIXES:
+        _onnx_output(**locals())
+        return
     fmt = mfiles.model_format(output)
     inputs = [p for p in (source, bias) if p is not None]
     check_target(output, force, inputs)  # before any work: a refusal costs nothing
@@ -150,9 +180,69 @@ def convert_command(
             json_out,
         )
     if json_out:
-        emit_json(result)
+        emit_json(result.to_dict())
     else:
         render_convert(result)
+
+
+def _onnx_output(**kw: Any) -> None:
+    """`convert` for .onnx / .nnet outputs (any source, .onnx included)."""
+    source, output, force, bias = kw["source"], kw["output"], kw["force"], kw["bias"]
+    inputs = [p for p in (source, bias) if p is not None]
+    check_target(output, force, inputs)
+    memory_limit = opt.max_memory(kw["max_memory"])
+    model: Any
+    if source.suffix.lower() == ".onnx":
+        from convtool.io.onnx_files import read_onnx
+
+        model, example, kind = read_onnx(source), None, "onnx"
+    else:
+        src = opt.open_source(
+            source,
+            None,
+            bias,
+            kw["model"],
+            kw["model_kwargs"],
+            kw["allow_pickle"],
+            opt.conv_flags(
+                kw["stride"],
+                kw["padding"],
+                kw["dilation"],
+                kw["groups"],
+                kw["padding_mode"],
+                kw["transposed"],
+                kw["output_padding"],
+            ),
+        )
+        if not kw["allow_nonfinite"]:
+            for layer in src.layers:
+                check_finite(layer)
+        model, example = _model_and_input(src, kw["input_shape"])
+        kind = src.kind
+        if src.kind == "torchscript":  # the ONNX exporter takes programs, not scripts
+            import torch
+
+            from convtool.io.checkpoints import export_mirror, script_to_program
+
+            x = torch.zeros(example)
+            model = export_mirror(script_to_program(model, x))[0]
+    convert_onnx_output(
+        source=source,
+        source_kind=kind,
+        model=model,
+        example=example,
+        target=str(kw["target"]),
+        sparse=kw["sparse"],
+        fold=kw["fold"],
+        layers=kw["layers"],
+        output=output,
+        opset=kw["opset"],
+        bounds=kw["bounds"],
+        force=force,
+        inputs=inputs,
+        memory_limit=memory_limit,
+        json_out=kw["json_out"],
+    )
 
 
 def _convert(
@@ -168,8 +258,8 @@ def _convert(
     inputs: list[Path],
     memory_limit: int | None,
     quiet: bool,
-) -> dict[str, Any]:
-    """Convert, warn about what was left, write atomically; the result dict."""
+) -> ConvertResult:
+    """Convert, warn about what was left, write atomically; the result."""
     source = src.path
     started = time.perf_counter()
     with progress(len(src.layers), f"converting to {target}", not quiet) as advance:
@@ -184,29 +274,24 @@ def _convert(
             inplace=True,  # the loaded model is ours: no second copy of its weights
         )
     for line in report.warnings():
-        typer.echo(f"convtool: warning: {line}", err=True)
+        typer.echo(f"convtool: warning: {cli_text(line)}", err=True)
     if not report.layers:
         raise ConvtoolError(f"no conv layer of {str(source)!r} could be converted; nothing written")
     check_disk(output, stored_size(converted)[1], "the converted model", "convert fewer layers")
-    result = report.to_dict()
     if fmt == "export":
         program = export_converted(converted, example)
         with atomic_outputs([output], force=force, inputs=inputs) as temps:
             mfiles.write_program(temps[0], program)
     else:
-        meta = mfiles.metadata(result, source.name, src.kind)
+        meta = mfiles.metadata(report.to_dict(), source.name, src.kind)
         with atomic_outputs([output], force=force, inputs=inputs) as temps:
             mfiles.write_state_dict(temps[0], converted.state_dict(), meta)
-    result.update(
+    return ConvertResult(
+        report=report,
         source=str(source),
         source_kind=src.kind,
         output=str(output),
-        format={
-            "export": "torch.export program",
-            "torch": "state_dict (.pt)",
-            "safetensors": "state_dict (.safetensors)",
-        }[fmt],
+        format=fmt,
         bytes_written=output.stat().st_size,
         seconds=time.perf_counter() - started,
     )
-    return result

@@ -11,9 +11,11 @@ from rich.table import Table
 
 from convtool.cli import options as opt
 from convtool.cli.app import app
-from convtool.cli.shapes import layer_input_shape, resolve_shapes
+from convtool.cli.flags import cli_text
+from convtool.cli.shapes import layer_input_shape
+from convtool.describe import count_shapes
 from convtool.errors import ConvtoolError
-from convtool.io.source import Source
+from convtool.io.source import Source, check_finite
 from convtool.params import count_layers, region_form_counts
 from convtool.render.common import emit_json, human_bytes, human_count, stdout
 from convtool.render.params import render_report, report_csv, report_json
@@ -27,72 +29,6 @@ LayersOpt = Annotated[
     ),
 ]
 CsvOpt = Annotated[bool, typer.Option("--csv", help="Print CSV on stdout instead of tables.")]
-
-
-def _may_fail_to_run(src: Source) -> bool:
-    """Sources whose layers are still worth listing when the model cannot be run."""
-    return "script" in src.kind.lower()
-
-
-def _resolve_shapes(
-    src: Source, input_shape: str | None
-) -> tuple[dict[str, tuple[int, ...] | None], dict[str, str], list[str]]:
-    """Per-layer one-sample input shapes, why the missing ones are missing, and report notes.
-
-    A model is traced once (`resolve_shapes` caches the run on the source). A TorchScript archive
-    that cannot be run is still listed, conv form only, with a warning.
-    """
-    shapes: dict[str, tuple[int, ...] | None] = {}
-    missing: dict[str, str] = {}
-    notes: list[str] = []
-    if src.kind == "kernel":
-        for layer in src.layers:
-            if input_shape is None:
-                example = ",".join([str(layer.spec.in_channels)] + ["32"] * layer.spec.ndim)
-                missing[layer.name] = (
-                    f"no --input-shape: only the conv form is counted (give one sample, e.g. "
-                    f"--input-shape {example})"
-                )
-            else:
-                shapes[layer.name] = layer_input_shape(src, layer, input_shape)
-        return shapes, missing, notes
-    try:
-        cap = resolve_shapes(src, input_shape)
-    except ConvtoolError as exc:
-        if not _may_fail_to_run(src):
-            raise
-        typer.echo(f"convtool: warning: {exc}; listing conv counts only", err=True)
-        for layer in src.layers:
-            shapes[layer.name] = None
-            missing[layer.name] = f"the model could not be run: {exc}"
-        return shapes, missing, notes
-    traced = src.traced_shape
-    for layer in src.layers:
-        if cap is not None and layer.name in cap.conflicts:
-            seen = ", ".join(str(s) for s in cap.conflicts[layer.name])
-            shapes[layer.name] = None
-            missing[layer.name] = f"called on several input shapes ({seen}): no unique LC/FC form"
-        elif layer.input_shape is None and traced is not None:
-            missing[layer.name] = (
-                f"not called when the model runs on an input of shape {traced}: only the conv "
-                f"form is counted"
-            )
-        elif layer.input_shape is None:
-            missing[layer.name] = (
-                "no --input-shape: only the conv form is counted (give the model's full example "
-                "input, batch included, e.g. --input-shape 1,3,224,224)"
-            )
-    if cap is not None and cap.custom:
-        notes.append(
-            f"{', '.join(cap.custom)}: forward is not a plain conv with its own weight; "
-            f"`convtool convert` leaves such layers as they are"
-        )
-    if cap is not None and cap.functional:
-        notes.append(
-            f"{len(cap.functional)} functional conv call(s) (F.conv*, not nn.Conv modules) are "
-            f"not counted: {'; '.join(f.describe() for f in cap.functional[:4])}"
-        )
-    return shapes, missing, notes
 
 
 def _exact(name: str) -> str:
@@ -119,6 +55,7 @@ def count_params_command(
     model: opt.ModelOpt = None,
     model_kwargs: opt.ModelKwargsOpt = None,
     allow_pickle: opt.AllowPickleOpt = False,
+    allow_nonfinite: opt.AllowNonfiniteOpt = False,
     roi: opt.RoiOpt = None,
 ) -> None:
     """Count the parameters, memory and multiply-adds of each conv layer as conv, locally
@@ -143,25 +80,30 @@ def count_params_command(
         allow_pickle,
         opt.conv_flags(stride, padding, dilation, groups, padding_mode, transposed, output_padding),
     )
+    if not allow_nonfinite:
+        for conv in [src.select(layer)] if layer is not None else src.layers:
+            check_finite(conv)
     if roi is not None:
         _region_report(src, layer, layers, input_shape, roi, json_out, csv_out)
         return
     pattern = layers
     if layer is not None:
         pattern = _exact(src.select(layer).name)
-    shapes, missing, notes = _resolve_shapes(src, input_shape)
+    plan = count_shapes(src, opt.parse_shape(input_shape) if input_shape is not None else None)
+    for line in plan.warnings:
+        typer.echo(f"convtool: warning: {cli_text(line)}", err=True)
     example = None
     if src.kind != "kernel":
         example = src.traced_shape or src.example_shape
     report = count_layers(
         src.layers,
         model=src.model,
-        input_shapes=shapes,
+        input_shapes=plan.shapes,
         pattern=pattern,
         non_conv_known=src.kind == "kernel" or src.model is not None,
         example_input_shape=example,
-        missing=missing,
-        notes=[*src.notes, *notes],
+        missing={name: cli_text(why) for name, why in plan.missing.items()},
+        notes=[*src.notes, *map(cli_text, plan.notes)],
     )
     if json_out:
         report_json(report, str(source))

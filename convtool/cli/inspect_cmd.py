@@ -2,85 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import typer
 
 from convtool.cli import options as opt
 from convtool.cli.app import app
-from convtool.cli.shapes import resolve_shapes
-from convtool.io.source import ConvLayer, Source
+from convtool.describe import inspect_source
+from convtool.io.source import check_finite
 from convtool.render.common import emit_json
 from convtool.render.inspect import render_inspect
-
-
-def _layer_dict(layer: ConvLayer) -> dict[str, Any]:
-    spec = layer.spec
-    out: dict[str, Any] = {
-        "name": layer.name,
-        "kind": spec.kind,
-        "weight_shape": list(layer.weight.shape),
-        "in_channels": spec.in_channels,
-        "out_channels": spec.out_channels,
-        "kernel_size": list(spec.kernel_size),
-        "stride": list(spec.stride),
-        "padding": spec.padding if isinstance(spec.padding, str) else list(spec.padding),
-        "padding_mode": spec.padding_mode,
-        "dilation": list(spec.dilation),
-        "groups": spec.groups,
-        "bias": layer.bias is not None,
-        "params": layer.weight.numel() + (layer.bias.numel() if layer.bias is not None else 0),
-        "input_shape": None,
-        "output_shape": None,
-    }
-    if spec.transposed:
-        out["output_padding"] = list(spec.output_padding)
-    if layer.input_shape is not None:
-        out["input_shape"] = list(layer.input_shape)
-        out["output_shape"] = list(spec.output_shape(layer.input_shape))
-    return out
-
-
-def inspect_result(src: Source, input_shape: str | None, only: str | None) -> dict[str, Any]:
-    """The dict `--json` prints; the table renders the same."""
-    cap = resolve_shapes(src, input_shape)
-    layers = [src.select(only)] if only is not None else src.layers
-    notes = list(src.notes)
-    if cap is not None:
-        fate = (
-            "convert rewrites it through the torch.export graph"
-            if src.kind == "torchscript"
-            else "convert leaves it as it is"
-        )
-        notes += [
-            f"conv call that is not an nn.Conv module: {f.describe()}; {fate}"
-            for f in cap.functional
-        ]
-        notes += [
-            f"conv {n!r} has its own forward; its weight may not be what it applies"
-            for n in cap.custom
-        ]
-        notes += [
-            f"conv {n!r} is called on several input shapes: {', '.join(map(str, seen))}"
-            for n, seen in cap.conflicts.items()
-        ]
-    if src.is_model and src.traced_shape is not None:
-        notes += [
-            f"conv {layer.name!r} is not called on the example input"
-            for layer in layers
-            if layer.input_shape is None
-        ]
-    return {
-        "source": str(src.path),
-        "kind": src.kind,
-        "input_shape": list(src.traced_shape) if src.traced_shape is not None else None,
-        "layers": [_layer_dict(layer) for layer in layers],
-        "conv_params": sum(
-            layer.weight.numel() + (layer.bias.numel() if layer.bias is not None else 0)
-            for layer in layers
-        ),
-        "notes": notes,
-    }
 
 
 @app.command("inspect", no_args_is_help=True)
@@ -100,6 +29,7 @@ def inspect_command(
     model: opt.ModelOpt = None,
     model_kwargs: opt.ModelKwargsOpt = None,
     allow_pickle: opt.AllowPickleOpt = False,
+    allow_nonfinite: opt.AllowNonfiniteOpt = False,
 ) -> None:
     """List every conv layer: kind, weight shape, stride, padding (mode), dilation, groups, bias;
     with --input-shape also each layer's input and output shapes.
@@ -116,10 +46,14 @@ def inspect_command(
         allow_pickle,
         opt.conv_flags(stride, padding, dilation, groups, padding_mode, transposed, output_padding),
     )
-    result = inspect_result(src, input_shape, layer)
-    for note in result["notes"]:
+    if not allow_nonfinite:
+        for conv in [src.select(layer)] if layer is not None else src.layers:
+            check_finite(conv)
+    shape = opt.parse_shape(input_shape) if input_shape is not None else None
+    result = inspect_source(src, shape, layer)
+    for note in result.notes:
         typer.echo(f"convtool: note: {note}", err=True)
     if json_out:
-        emit_json(result)
+        emit_json(result.to_dict())
     else:
         render_inspect(result)

@@ -15,17 +15,17 @@ from convtool.cli import options as opt
 from convtool.cli.app import app
 from convtool.cli.progress import progress
 from convtool.cli.shapes import layer_input_shape
+from convtool.describe import ToeplitzResult
 from convtool.errors import ConvtoolError
 from convtool.io import matrix_files as mf
 from convtool.io.source import check_finite
 from convtool.io.writers import atomic_outputs, check_target
-from convtool.matrices import bias_vector_for, dense_row_blocks, matrix, matrix_info
+from convtool.matrices import bias_vector_for, matrix, matrix_info
+from convtool.matrix_output import check_budget, targets, write_matrix
 from convtool.region import region_counts, region_rows_for
 from convtool.render.common import emit_json
 from convtool.render.toeplitz import render_matrix_summary
-from convtool.resources import check_disk, check_memory
-
-_BLOCK_BYTES = 128 * 1024**2  # dense rows streamed to .npy per block
+from convtool.resources import check_memory
 
 
 @app.command("toeplitz", no_args_is_help=True)
@@ -91,104 +91,33 @@ def toeplitz_command(
         counts = region_counts(conv.spec, shape, mask)
         info = replace(info, shape=(counts["rows"], counts["cols"]), nnz=counts["nnz"])
         region = {"roi": roi, "positions": counts["positions"], "macs": counts["macs"]}
-    result: dict[str, Any] = {"source": str(source), "name": conv.name, **info.to_dict()}
-    if region is not None:
-        result["region"] = region
-    result.update(format=fmt, outputs=[], seconds=0.0)
-
+    result = ToeplitzResult(str(source), conv.name, info)
     if output is not None and fmt is not None:
         inputs = [p for p in (source, bias) if p is not None]
-        sibling = mf.bias_sibling(output) if conv.bias is not None else None
-        targets = [output] + ([sibling] if sibling is not None else [])
+        paths = targets(output, conv, force, inputs)  # before any work: a refusal costs nothing
         if mask is not None:
-            targets.append(output.with_name(f"{output.stem}.rows.npy"))
-        for target in targets:  # before any work: a refusal costs nothing
-            check_target(target, force, inputs)
+            paths.append(output.with_name(f"{output.stem}.rows.npy"))
+            check_target(paths[-1], force, inputs)
+        check_budget(output, fmt, info, memory_limit)
         started = time.perf_counter()
-        _write(output, fmt, conv, shape, info, targets, force, inputs, memory_limit, json_out, mask)
-        result.update(outputs=[str(t) for t in targets], seconds=time.perf_counter() - started)
+        if mask is not None:
+            _write_region(output, fmt, conv, shape, info, paths, force, inputs, memory_limit, mask)
+        else:
+            streamed = fmt == "dense" and output.suffix.lower() == ".npy"  # the only long write
+            with progress(info.shape[0], "writing rows", streamed and not json_out) as advance:
+                write_matrix(
+                    conv, shape, info, paths, fmt, force=force, inputs=inputs, advance=advance
+                )
+        result = replace(
+            result,
+            format=fmt,
+            outputs=tuple(str(t) for t in paths),
+            seconds=time.perf_counter() - started,
+        )
     if json_out:
-        emit_json(result)
+        emit_json({**result.to_dict(), **({"region": region} if region is not None else {})})
     else:
         render_matrix_summary(result)
-
-
-def _write(
-    output: Path,
-    fmt: str,
-    conv: Any,
-    shape: tuple[int, ...],
-    info: Any,
-    targets: list[Path],
-    force: bool,
-    inputs: list[Path],
-    memory_limit: int | None,
-    quiet: bool,
-    mask: Tensor | None = None,
-) -> None:
-    suffix = output.suffix.lower()
-    dtype = conv.weight.dtype
-    rows, cols = info.shape
-    what = f"a dense {rows} x {cols} {info.dtype} matrix"
-    bias = bias_vector_for(conv.spec, conv.bias, shape, dtype) if conv.bias is not None else None
-    if mask is not None:
-        _write_region(output, fmt, conv, shape, info, targets, force, inputs, memory_limit, mask)
-        return
-    if fmt == "dense" and suffix == ".npy":
-        check_disk(output, info.dense_bytes, what, "use --sparse with .npz or .mtx")
-        row_bytes = cols * info.itemsize
-        check_memory(row_bytes, f"one row of {what}", "use --sparse", memory_limit)
-        block_rows = max(1, min(rows, _BLOCK_BYTES // max(1, row_bytes)))
-        blocks = dense_row_blocks(conv.spec, conv.weight, shape, block_rows)
-        with atomic_outputs(targets, force=force, inputs=inputs) as temps:
-            with progress(rows, "writing rows", not quiet) as advance:
-                mf.write_npy_blocks(temps[0], info.shape, dtype, blocks, advance)
-            if bias is not None:
-                np.save(temps[1], bias.numpy())
-        return
-    if fmt == "dense":
-        check_memory(
-            info.dense_bytes,
-            what,
-            f"write {output.stem}.npy (streamed) or use --sparse",
-            memory_limit,
-        )
-        check_disk(output, info.dense_bytes, what, "use --sparse")
-    else:
-        # indices + values while building, plus one copy while converting/saving
-        need = 2 * info.nnz * (16 + info.itemsize) + 8 * (rows + 1)
-        check_memory(
-            need,
-            f"a sparse matrix with {info.nnz} nonzeros",
-            "use a smaller input shape",
-            memory_limit,
-        )
-        check_disk(
-            output,
-            info.csr_bytes,
-            f"a sparse matrix with {info.nnz} nonzeros",
-            "use a smaller input shape",
-        )
-    t = matrix(conv.spec, conv.weight, shape, sparse=fmt == "sparse", layout="csr")
-    meta = {
-        "layer": conv.name,
-        "spec": conv.spec.describe(),
-        "input_shape": list(shape),
-        "output_shape": list(info.output_shape),
-    }
-    with atomic_outputs(targets, force=force, inputs=inputs) as temps:
-        if suffix == ".npz":
-            mf.write_npz(temps[0], t, bias)
-        elif suffix == ".mtx":
-            mf.write_mtx(temps[0], t, comment=f" {conv.name}: {conv.spec.describe()}")
-        elif suffix == ".pt":
-            mf.write_pt(temps[0], t, bias, meta)
-        elif suffix == ".safetensors":
-            mf.write_safetensors(temps[0], t, bias, meta)
-        else:  # pragma: no cover - matrix_format already refused it
-            raise ConvtoolError(f"unsupported output {str(output)!r}")
-        if bias is not None and len(temps) > 1:
-            np.save(temps[1], bias.numpy())
 
 
 def _write_region(
@@ -207,20 +136,22 @@ def _write_region(
     suffix = output.suffix.lower()
     dtype = conv.weight.dtype
     rows, cols = info.shape
-    if fmt == "dense":
+    if fmt == "dense":  # built whole in memory (check_budget checked one row for a .npy)
         what = f"a dense {rows} x {cols} {info.dtype} region matrix"
         check_memory(info.dense_bytes, what, "use --sparse or a smaller --roi", memory_limit)
-        check_disk(output, info.dense_bytes, what, "use --sparse")
-    else:
-        what = f"a sparse region matrix with {info.nnz} nonzeros"
-        need = 2 * info.nnz * (16 + info.itemsize) + 8 * (rows + 1)
-        check_memory(need, what, "use a smaller --roi", memory_limit)
-        check_disk(output, info.csr_bytes, what, "use a smaller --roi")
     row_index = region_rows_for(conv.spec, shape, mask)
     bias = None
     if conv.bias is not None:
         bias = bias_vector_for(conv.spec, conv.bias, shape, dtype)[row_index]
-    t = matrix(conv.spec, conv.weight, shape, sparse=fmt == "sparse", layout="csr", rows=mask)
+    t = matrix(
+        conv.spec,
+        conv.weight,
+        shape,
+        sparse=fmt == "sparse",
+        layout="csr",
+        rows=mask,
+        max_memory=memory_limit,
+    )
     meta = {
         "layer": conv.name,
         "spec": conv.spec.describe(),

@@ -8,15 +8,16 @@ import typer
 
 from convtool.cli import options as opt
 from convtool.cli.app import EXIT_MISMATCH, EXIT_OK, app
+from convtool.cli.flags import cli_message
 from convtool.cli.progress import progress
 from convtool.cli.shapes import layer_input_shape
 from convtool.errors import ConvtoolError
+from convtool.forms import Target
 from convtool.io.source import ConvLayer, Source
 from convtool.models import select_layers
 from convtool.render.common import emit_json
 from convtool.render.verify import render_verify_report
 from convtool.verification import (
-    TARGETS,
     FormCheck,
     form_names,
     model_form_names,
@@ -26,9 +27,10 @@ from convtool.verification import (
 )
 
 ToOpt = Annotated[
-    str,
+    Target,
     typer.Option(
         "--to",
+        case_sensitive=False,
         help="Forms to check: toeplitz (T @ x + b, dense and sparse), lc, fc (dense and "
         "sparse), or all.",
     ),
@@ -85,7 +87,7 @@ def _with_shapes(
         except ConvtoolError as exc:
             if not src.is_model or len(chosen) == 1:
                 raise
-            notes.append(f"not checked: {exc}")
+            notes.append(f"not checked: {cli_message(exc)}")
     if not pairs:
         raise ConvtoolError(f"no conv layer could be checked: {'; '.join(notes)}")
     return pairs, notes
@@ -101,7 +103,7 @@ def _example_shape(src: Source, input_shape: str | None) -> tuple[int, ...] | No
 def verify_command(
     source: opt.SourceArg,
     input_shape: opt.InputShapeOpt = None,
-    to: ToOpt = "all",
+    to: ToOpt = Target.ALL,
     dtype: DtypeOpt = "float64",
     trials: TrialsOpt = 3,
     seed: SeedOpt = 0,
@@ -135,8 +137,6 @@ def verify_command(
         raise ConvtoolError(
             f"--layer {layer!r} and --layers {layers!r} both given; use --layers for several"
         )
-    if to not in TARGETS:
-        raise ConvtoolError(f"--to must be one of {', '.join(TARGETS)}, got {to!r}")
     torch_dtype = parse_dtype(dtype)
     resolve_tolerance(torch_dtype, rtol, atol)  # a bad tolerance fails before any loading
     if trials < 0 or seed < 0:

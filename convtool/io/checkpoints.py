@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import io
 import json
 import os
 import sys
@@ -33,8 +34,10 @@ import torch
 from torch import Tensor, nn
 
 from convtool.errors import ConvtoolError
+from convtool.io.export_archive import load_program
 from convtool.io.source import ConvLayer, Source, SourceOptions, module_layers
-from convtool.io.tensors import read_tensors, tensors_from_object, torch_load
+from convtool.io.tensors import read_bytes, read_tensors, tensors_from_object, torch_load
+from convtool.io.untrusted_ops import audit_script_module, check_script_code
 from convtool.spec import CONV_TYPES, ConvSpec, build_conv
 
 SCRIPT_CONV_NAMES = {cls.__name__: key for cls, key in CONV_TYPES.items()}
@@ -96,12 +99,14 @@ def _kwargs(text: str | None) -> dict[str, Any]:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConvtoolError(
-            f"--model-kwargs must be a JSON object like '{{\"num_classes\": 10}}', got {text!r} "
-            f"({exc.msg})"
+            f"`model_kwargs` must be a JSON object like '{{\"num_classes\": 10}}', got {text!r} "
+            f"({exc.msg})",
+            params=("model_kwargs",),
         ) from None
     if not isinstance(value, dict):
         raise ConvtoolError(
-            f"--model-kwargs must be a JSON object like '{{\"num_classes\": 10}}', got {text!r}"
+            f"`model_kwargs` must be a JSON object like '{{\"num_classes\": 10}}', got {text!r}",
+            params=("model_kwargs",),
         )
     return value
 
@@ -114,10 +119,16 @@ def _import(module_name: str, target: str) -> Any:
         if module_name.endswith(".py"):
             file = Path(module_name)
             if not file.is_file():
-                raise ConvtoolError(f"--model {target!r}: the file {module_name!r} does not exist")
+                raise ConvtoolError(
+                    f"model={target!r}: the file {module_name!r} does not exist",
+                    params=("model",),
+                )
             spec = importlib.util.spec_from_file_location(file.stem, file)
             if spec is None or spec.loader is None:
-                raise ConvtoolError(f"--model {target!r}: cannot import {module_name!r}")
+                raise ConvtoolError(
+                    f"model={target!r}: cannot import {module_name!r}",
+                    params=("model",),
+                )
             module = importlib.util.module_from_spec(spec)
             sys.modules[file.stem] = module
             spec.loader.exec_module(module)
@@ -127,18 +138,20 @@ def _import(module_name: str, target: str) -> Any:
         raise
     except ModuleNotFoundError as exc:
         raise ConvtoolError(
-            f"--model {target!r}: cannot import {module_name!r} ({exc}); run convtool from the "
-            f"folder that holds it or add that folder to PYTHONPATH"
+            f"model={target!r}: cannot import {module_name!r} ({exc}); run convtool from the "
+            f"folder that holds it or add that folder to PYTHONPATH",
+            params=("model",),
         ) from None
     except Exception as exc:
         raise ConvtoolError(
-            f"--model {target!r}: importing {module_name!r} failed: {type(exc).__name__}: "
-            f"{_first_line(exc)}"
+            f"model={target!r}: importing {module_name!r} failed: {type(exc).__name__}: "
+            f"{_first_line(exc)}",
+            params=("model",),
         ) from None
 
 
 def import_model(target: str, kwargs_json: str | None = None) -> nn.Module:
-    """Build the architecture named by `--model MODULE:CALLABLE [--model-kwargs JSON]`.
+    """Build the architecture named by `model="MODULE:CALLABLE"` (and `model_kwargs`, JSON).
 
     MODULE is imported with the current folder on `sys.path` (or is a path to a .py file);
     CALLABLE may be dotted (`Net.small`) and must return an `nn.Module` (an `nn.Module` instance
@@ -147,30 +160,42 @@ def import_model(target: str, kwargs_json: str | None = None) -> nn.Module:
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name.strip() or not attr.strip():
         raise ConvtoolError(
-            f"--model must be MODULE:CALLABLE, e.g. mypackage.models:make_model, got {target!r}"
+            f"`model` must be MODULE:CALLABLE, e.g. mypackage.models:make_model, got {target!r}",
+            params=("model",),
         )
     kwargs = _kwargs(kwargs_json)
     obj = _import(module_name.strip(), target)
     for part in attr.strip().split("."):
         if not hasattr(obj, part):
-            raise ConvtoolError(f"--model {target!r}: {module_name!r} has no attribute {part!r}")
+            raise ConvtoolError(
+                f"model={target!r}: {module_name!r} has no attribute {part!r}",
+                params=("model",),
+            )
         obj = getattr(obj, part)
     if isinstance(obj, nn.Module):
         if kwargs:
-            raise ConvtoolError(f"--model {target!r} is a module instance; drop --model-kwargs")
+            raise ConvtoolError(
+                f"model={target!r} is a module instance; drop `model_kwargs`",
+                params=("model", "model_kwargs"),
+            )
         return obj
     if not callable(obj):
-        raise ConvtoolError(f"--model {target!r} is a {type(obj).__name__}, not a callable")
+        raise ConvtoolError(
+            f"model={target!r} is a {type(obj).__name__}, not a callable",
+            params=("model",),
+        )
     try:
         model = obj(**kwargs)
     except Exception as exc:
         raise ConvtoolError(
-            f"--model {target!r}: calling it with {kwargs or 'no arguments'} failed: "
-            f"{type(exc).__name__}: {_first_line(exc)}"
+            f"model={target!r}: calling it with {kwargs or 'no arguments'} failed: "
+            f"{type(exc).__name__}: {_first_line(exc)}",
+            params=("model",),
         ) from None
     if not isinstance(model, nn.Module):
         raise ConvtoolError(
-            f"--model {target!r} returned a {type(model).__name__}, not a torch.nn.Module"
+            f"model={target!r} returned a {type(model).__name__}, not a torch.nn.Module",
+            params=("model",),
         )
     return model
 
@@ -218,8 +243,8 @@ def fit_state_dict(model: nn.Module, tensors: dict[str, Tensor], path: Path, tar
         problems.append(f"shape mismatches: {_listing(shapes, 3)}")
     if problems:
         raise ConvtoolError(
-            f"the state_dict in {str(path)!r} does not fit --model {target!r}: "
-            f"{'; '.join(problems)}"
+            f"the state_dict in {str(path)!r} does not fit model={target!r}: {'; '.join(problems)}",
+            params=("model",),
         )
     floats = {v.dtype for v in tensors.values() if v.is_floating_point()}
     if len(floats) == 1:  # keep the checkpoint's precision (a float64 file stays float64)
@@ -228,7 +253,8 @@ def fit_state_dict(model: nn.Module, tensors: dict[str, Tensor], path: Path, tar
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
         raise ConvtoolError(
-            f"the state_dict in {str(path)!r} does not fit --model {target!r}: {_first_line(exc)}"
+            f"the state_dict in {str(path)!r} does not fit model={target!r}: {_first_line(exc)}",
+            params=("model",),
         ) from None
 
 
@@ -239,7 +265,7 @@ def eager_source(path: Path, model: nn.Module, kind: str) -> Source:
 
 
 def load_state_dict_source(path: Path, options: SourceOptions, fmt: str) -> Source:
-    """A state_dict (.pt/.pth/.safetensors/.npz) loaded into `--model`'s architecture."""
+    """A state_dict (.pt/.pth/.safetensors/.npz) loaded into `model`'s architecture."""
     assert options.model is not None
     if fmt == "torch":
         obj = torch_load(path, allow_pickle=options.allow_pickle)
@@ -250,8 +276,9 @@ def load_state_dict_source(path: Path, options: SourceOptions, fmt: str) -> Sour
         contents = read_tensors(path)
     if isinstance(contents, Tensor):
         raise ConvtoolError(
-            f"{str(path)!r} holds a single tensor, not a state_dict; drop --model to use it as a "
-            f"kernel"
+            f"{str(path)!r} holds a single tensor, not a state_dict; drop `model` to use it as a "
+            f"kernel",
+            params=("model",),
         )
     model = import_model(options.model, options.model_kwargs)
     fit_state_dict(model, contents, path, options.model)
@@ -283,15 +310,26 @@ def load_torch_file(path: Path, options: SourceOptions) -> Source | Any:
 
 
 # ---------------------------------------------------------------------------------- TorchScript
-def load_torchscript(path: Path) -> Source:
-    """A TorchScript archive (`torch.jit.save`)."""
+def load_torchscript(path: Path, *, allow_pickle: bool = False) -> Source:
+    """A TorchScript archive (`torch.jit.save`).
+
+    Loading runs the archive's `__setstate__` code and convtool later runs its forward, so unless
+    the user trusts the file (`allow_pickle`), code that calls file-touching operators is refused
+    before loading and the loaded graphs are audited (:mod:`convtool.io.untrusted_ops`). The
+    bytes checked are the bytes loaded.
+    """
+    data = read_bytes(path)
+    if not allow_pickle:
+        check_script_code(data, path)
     try:
         with quiet():  # torch's deprecation notice for TorchScript is not the user's problem
-            model = torch.jit.load(str(path), map_location="cpu")
+            model = torch.jit.load(io.BytesIO(data), map_location="cpu")
     except Exception as exc:
         raise ConvtoolError(
             f"cannot read {str(path)!r} as a TorchScript archive (truncated?): {_first_line(exc)}"
         ) from None
+    if not allow_pickle:
+        audit_script_module(model, path)
     return script_source(path, model)
 
 
@@ -352,7 +390,8 @@ def script_to_program(model: Any, example: Tensor) -> Any:
     except ImportError:  # pragma: no cover - torch < 2.4
         raise ConvtoolError(
             "this torch cannot turn a TorchScript archive into an editable graph; save the "
-            "model's state_dict (and pass --model) or a torch.export .pt2 instead"
+            "model's state_dict (and pass `model`) or a torch.export .pt2 instead",
+            params=("model",),
         ) from None
     try:
         with quiet():
@@ -360,7 +399,8 @@ def script_to_program(model: Any, example: Tensor) -> Any:
     except Exception as exc:
         raise ConvtoolError(
             f"cannot rebuild the TorchScript model as a torch.export graph: {_first_line(exc)}; "
-            f"save its state_dict (and pass --model) or a torch.export .pt2 instead"
+            f"save its state_dict (and pass `model`) or a torch.export .pt2 instead",
+            params=("model",),
         ) from None
 
 
@@ -383,16 +423,10 @@ def quiet() -> Any:
 
 
 # ---------------------------------------------------------------------------------- export
-def load_export(path: Path) -> Source:
-    """A torch.export program (`torch.export.save`, .pt2)."""
-    try:
-        with quiet():
-            program = torch.export.load(str(path))
-    except Exception as exc:
-        raise ConvtoolError(
-            f"cannot read {str(path)!r} as a torch.export program (truncated, or not written by "
-            f"torch.export.save?): {_first_line(exc)}"
-        ) from None
+def load_export(path: Path, *, allow_pickle: bool = False) -> Source:
+    """A torch.export program (`torch.export.save`, .pt2), loaded without unpickling anything
+    beyond `weights_only=True` unless `allow_pickle` (see :mod:`convtool.io.export_archive`)."""
+    program = load_program(path, allow_pickle=allow_pickle)
     return program_source(path, program, "export")
 
 

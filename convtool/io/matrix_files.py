@@ -34,7 +34,8 @@ def matrix_format(path: Path, sparse: bool) -> str:
     holds = MATRIX_FORMATS[suffix][0]
     if holds == "dense" and sparse:
         raise ConvtoolError(
-            f"{suffix} holds a dense matrix; for --sparse write .npz, .mtx, .pt or .safetensors"
+            f"{suffix} holds a dense matrix; for sparse=True write .npz, .mtx, .pt or .safetensors",
+            params=("sparse",),
         )
     if holds == "sparse":
         return "sparse"

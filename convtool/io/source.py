@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from convtool.dtypes import COMPUTE_DTYPES, compute_dtype
 from convtool.errors import ConvtoolError
 from convtool.io.tensors import check_readable, read_tensors, tensors_from_object
 from convtool.spec import ConvSpec, is_conv
@@ -100,13 +101,14 @@ class Source:
         return self.kind != "kernel"
 
     def select(self, name: str | None) -> ConvLayer:
-        """The one layer a single-layer command works on: `--layer NAME`, or the only one."""
+        """The one layer a single-layer command works on: `layer='NAME'`, or the only one."""
         if name is None:
             if len(self.layers) == 1:
                 return self.layers[0]
             raise ConvtoolError(
-                f"{str(self.path)!r} has {len(self.layers)} conv layers; pick one with --layer "
-                f"NAME ({_names(self.layers)})"
+                f"{str(self.path)!r} has {len(self.layers)} conv layers; pick one with "
+                f"layer='NAME' ({_names(self.layers)})",
+                params=("layer",),
             )
         for layer in self.layers:
             if layer.name == name:
@@ -141,11 +143,8 @@ def _names(layers: Sequence[ConvLayer], limit: int = 10) -> str:
 
 
 def _as_float(t: Tensor, what: str) -> Tensor:
-    if t.is_floating_point():
-        return t
-    if t.dtype in (torch.complex64, torch.complex128):
-        raise ConvtoolError(f"{what} is complex ({t.dtype}); convtool handles real tensors")
-    return t.to(torch.float64)  # integer kernels are exact in float64
+    """Integer kernels in float64 (exact); complex and float8 refused (see convtool.dtypes)."""
+    return t.to(compute_dtype(t.dtype, what))
 
 
 def _kernel_entries(
@@ -155,7 +154,9 @@ def _kernel_entries(
     stem = path.name.split(".")[0] or "kernel"
     if isinstance(tensors, Tensor):
         if layer is not None:
-            raise ConvtoolError(f"{str(path)!r} holds a single tensor; drop --layer {layer!r}")
+            raise ConvtoolError(
+                f"{str(path)!r} holds a single tensor; drop layer={layer!r}", params=("layer",)
+            )
         return stem, tensors, None
     if layer is not None:
         for key in (f"{layer}.weight", layer):
@@ -178,8 +179,9 @@ def _kernel_entries(
         name = candidates[0]
         return name, tensors[f"{name}.weight"], tensors.get(f"{name}.bias")
     raise ConvtoolError(
-        f"{str(path)!r} holds several conv kernels; pick one with --layer NAME "
-        f"({', '.join(candidates[:10])}), or give --model MODULE:CALLABLE for the whole model"
+        f"{str(path)!r} holds several conv kernels; pick one with layer='NAME' "
+        f"({', '.join(candidates[:10])}), or give model='MODULE:CALLABLE' for the whole model",
+        params=("layer", "model"),
     )
 
 
@@ -234,24 +236,28 @@ def load_source(path: Path, options: SourceOptions) -> Source:
     The format comes from the extension and the archive's content: `.pt2` is a torch.export
     program; a zip with TorchScript code is a TorchScript archive; with `--model` the file is a
     state_dict for that architecture; a file holding a pickled module is loaded only with
-    `--allow-pickle`; anything else is a kernel file.
+    `allow_pickle`; anything else is a kernel file.
     """
     from convtool.io import checkpoints as ck
 
     check_readable(path)
     if options.model_kwargs is not None and options.model is None:
-        raise ConvtoolError("--model-kwargs goes with --model MODULE:CALLABLE; give both")
+        raise ConvtoolError(
+            "`model_kwargs` goes with model='MODULE:CALLABLE'; give both",
+            params=("model_kwargs", "model"),
+        )
     fmt = ck.detect_format(path)
     if fmt in ("export", "torchscript") and options.model is not None:
         what = "torch.export program" if fmt == "export" else "TorchScript archive"
         raise ConvtoolError(
-            f"{str(path)!r} is a {what}, which holds its own architecture; drop --model "
-            f"{options.model!r}"
+            f"{str(path)!r} is a {what}, which holds its own architecture; drop "
+            f"model={options.model!r}",
+            params=("model",),
         )
     if fmt == "export":
-        return _checked(ck.load_export(path), options)
+        return _checked(ck.load_export(path, allow_pickle=options.allow_pickle), options)
     if fmt == "torchscript":
-        return _checked(ck.load_torchscript(path), options)
+        return _checked(ck.load_torchscript(path, allow_pickle=options.allow_pickle), options)
     if options.model is not None:
         return _checked(ck.load_state_dict_source(path, options, fmt), options)
     if fmt == "torch":
@@ -266,8 +272,9 @@ def _checked(source: Source, options: SourceOptions) -> Source:
     """A model source: refuse kernel-only options, and a model without conv layers."""
     if options.bias is not None:
         raise ConvtoolError(
-            f"--bias applies to raw kernel files; {str(source.path)!r} is a {source.kind} "
-            f"checkpoint that holds its own biases"
+            f"`bias` applies to raw kernel files; {str(source.path)!r} is a {source.kind} "
+            f"checkpoint that holds its own biases",
+            params=("bias",),
         )
     if options.layer is not None:
         source.select(options.layer)  # fail early, listing the names
@@ -278,11 +285,14 @@ def _checked(source: Source, options: SourceOptions) -> Source:
 
 
 def check_finite(layer: ConvLayer) -> None:
-    """Refuse NaN/inf weights (the CLI's --allow-nonfinite skips this)."""
+    """Refuse NaN/inf weights (callers skip it for `allow_nonfinite`)."""
     for what, t in (("weight", layer.weight), ("bias", layer.bias)):
+        if t is not None and t.is_floating_point() and t.dtype not in COMPUTE_DTYPES:
+            t = t.float()  # float8 has no isfinite; every float8 value is exact in float32
         if t is not None and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise ConvtoolError(
                 f"layer {layer.name!r} has {bad} NaN/inf value(s) in its {what}; fix the file or "
-                f"pass --allow-nonfinite"
+                f"pass allow_nonfinite=True",
+                params=("allow_nonfinite",),
             )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import stat
 import sys
 import warnings
 import zipfile
@@ -27,19 +28,49 @@ TENSOR_SUFFIXES = (".npy", ".npz", ".pt", ".pth", ".safetensors")
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "weights")
 
 
-def check_readable(path: Path) -> None:
-    """One clear line for a missing, unreadable or empty file."""
-    if not path.exists():
-        raise ConvtoolError(f"{str(path)!r} does not exist")
-    if path.is_dir():
-        raise ConvtoolError(f"{str(path)!r} is a directory; give a file")
+def check_readable(path: Path) -> int:
+    """One clear line for a missing, unreadable, empty or non-regular file; returns its size.
+
+    Only regular files are read (symlinks are followed): a FIFO would block forever and a
+    device such as /dev/zero never ends, so both are refused before anything opens them.
+    """
     try:
-        with path.open("rb") as f:
-            head = f.read(1)
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ConvtoolError(f"{str(path)!r} does not exist") from None
     except OSError as exc:
         raise ConvtoolError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from None
-    if not head:
+    if stat.S_ISDIR(info.st_mode):
+        raise ConvtoolError(f"{str(path)!r} is a directory; give a file")
+    if not stat.S_ISREG(info.st_mode):
+        kind = (
+            "a FIFO (named pipe)"
+            if stat.S_ISFIFO(info.st_mode)
+            else "a device"
+            if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode)
+            else "a socket"
+            if stat.S_ISSOCK(info.st_mode)
+            else "not a regular file"
+        )
+        raise ConvtoolError(f"{str(path)!r} is {kind}; give a regular file")
+    if info.st_size == 0:
         raise ConvtoolError(f"{str(path)!r} is empty")
+    if not os.access(path, os.R_OK):
+        raise ConvtoolError(f"cannot read {str(path)!r}: permission denied")
+    return info.st_size
+
+
+def read_bytes(path: Path) -> bytes:
+    """The whole of a regular file, never more than the size it had when checked."""
+    size = check_readable(path)
+    try:
+        with path.open("rb") as f:
+            data = f.read(size)
+    except OSError as exc:
+        raise ConvtoolError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from None
+    if len(data) != size:
+        raise ConvtoolError(f"{str(path)!r} changed while it was read")
+    return data
 
 
 def _from_numpy(array: np.ndarray, path: Path, key: str | None = None) -> Tensor:
@@ -48,6 +79,8 @@ def _from_numpy(array: np.ndarray, path: Path, key: str | None = None) -> Tensor
         raise ConvtoolError(f"{where} holds {array.dtype} data, not a numeric array")
     if array.dtype.kind not in "fiub":
         raise ConvtoolError(f"{where} holds {array.dtype} data, not a real numeric array")
+    if not array.dtype.isnative:  # e.g. '>f4' from a big-endian machine: torch needs native order
+        array = array.astype(array.dtype.newbyteorder("="))
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
@@ -66,8 +99,10 @@ def refuse_pickle(path: Path, exc: BaseException) -> ConvtoolError:
     what = f" (it imports {needs})" if needs else ""
     return ConvtoolError(
         f"{str(path)!r} holds a pickled Python object{what}; unpickling it can run arbitrary "
-        f"code, so convtool did not load it. If you trust the file, pass --allow-pickle; better, "
-        f"re-save it with torch.save(model.state_dict(), ...) and pass --model MODULE:CALLABLE"
+        f"code, so convtool did not load it. If you trust the file, pass allow_pickle=True; "
+        f"better, re-save it with torch.save(model.state_dict(), ...) and pass "
+        f"model='MODULE:CALLABLE'",
+        params=("allow_pickle", "model"),
     )
 
 

@@ -17,13 +17,20 @@ from convtool.errors import ConvtoolError
 
 
 def check_target(path: Path, force: bool, inputs: Sequence[Path] = ()) -> None:
-    """Refuse an output that exists (without --force), is an input, or cannot be created."""
+    """Refuse an output that exists (without `force`), is an input, or cannot be created."""
     for source in inputs:
         with contextlib.suppress(OSError):
             if path.exists() and path.samefile(source):
                 raise ConvtoolError(f"refusing to write over the input file {str(path)!r}")
+    if path.exists() and not path.is_dir() and not path.is_file():
+        raise ConvtoolError(
+            f"{str(path)!r} exists and is not a regular file (a device, FIFO or socket); convtool "
+            f"only writes regular files"
+        )
     if path.exists() and not force:
-        raise ConvtoolError(f"{str(path)!r} already exists; pass --force to overwrite it")
+        raise ConvtoolError(
+            f"{str(path)!r} already exists; pass force=True to overwrite it", params=("force",)
+        )
     if path.is_dir():
         raise ConvtoolError(f"{str(path)!r} is a directory; give a file name")
     folder = path.parent if str(path.parent) else Path(".")
@@ -75,7 +82,8 @@ def atomic_outputs(
                     os.link(temp, target)
                 except FileExistsError:
                     raise ConvtoolError(
-                        f"{str(target)!r} appeared while writing; pass --force to overwrite it"
+                        f"{str(target)!r} appeared while writing; pass force=True to overwrite it",
+                        params=("force",),
                     ) from None
                 except OSError:  # filesystems without hard links
                     if target.exists():

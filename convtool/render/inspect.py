@@ -1,13 +1,26 @@
-"""The `convtool inspect` table (from the dict `--json` prints)."""
+"""The `convtool inspect` table, from an :class:`~convtool.describe.InspectResult`.
+
+At a narrow width the columns go in this order: weight, bias, dil., groups, kind, input.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from rich import box
-from rich.table import Table
+from rich.console import Console
 
-from convtool.render.common import human_count, shape_str, stdout
+from convtool.describe import InspectResult, LayerInfo
+from convtool.render.common import (
+    Col,
+    dropped_note,
+    fitted_table,
+    human_count,
+    print_fitted,
+    shape_str,
+    stdout,
+)
+
+DROP_ORDER = ("weight", "bias", "dil.", "groups", "kind", "input")
 
 
 def _tuple(value: Any) -> str:
@@ -22,52 +35,51 @@ def _shape(shape: Any) -> str:
     return "-" if shape is None else "(" + ",".join(str(s) for s in shape) + ")"
 
 
-def _padding(layer: dict[str, Any]) -> str:
-    text = _tuple(layer["padding"])
-    return text if layer["padding_mode"] == "zeros" else f"{text} {layer['padding_mode']}"
+def _padding(layer: LayerInfo) -> str:
+    text = _tuple(layer.padding)
+    return text if layer.padding_mode == "zeros" else f"{text} {layer.padding_mode}"
 
 
-def render_inspect(result: dict[str, Any]) -> None:
+def render_inspect(result: InspectResult, console: Console | None = None) -> None:
     """One row per conv layer: hyperparameters and, with an example input, its shapes."""
-    with_shapes = any(layer.get("input_shape") is not None for layer in result["layers"])
-    title = f"{result['source']} ({result['kind']}): {len(result['layers'])} conv layer(s)"
-    if result.get("input_shape") is not None:
-        title += f", example input {shape_str(result['input_shape'])}"
-    table = Table(
-        title=title,
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        show_edge=False,
-        pad_edge=False,
-        collapse_padding=True,
-    )
-    table.add_column("layer", style="bold", overflow="fold")
-    table.add_column("kind")
-    table.add_column("weight", no_wrap=True)
-    table.add_column("stride", no_wrap=True)
-    table.add_column("padding", no_wrap=True)
-    table.add_column("dil.")
-    table.add_column("groups", justify="right")
-    table.add_column("bias")
+    out = console or stdout()
+    with_shapes = any(layer.input_shape is not None for layer in result.layers)
+    title = f"{result.source} ({result.kind}): {len(result.layers)} conv layer(s)"
+    if result.input_shape is not None:
+        title += f", example input {shape_str(result.input_shape)}"
+    cols = [
+        Col("layer", name=True, style="bold"),
+        Col("kind"),
+        Col("weight"),
+        Col("stride"),
+        Col("padding"),
+        Col("dil."),
+        Col("groups", right=True),
+        Col("bias"),
+    ]
     if with_shapes:
-        table.add_column("input", no_wrap=True)
-        table.add_column("output", no_wrap=True)
-    table.add_column("params", justify="right")
-    for layer in result["layers"]:
+        cols += [Col("input"), Col("output")]
+    cols.append(Col("params", right=True))
+    rows = []
+    for layer in result.layers:
         row = [
-            layer["name"] or "(model)",
-            layer["kind"],
-            _shape(layer["weight_shape"]),
-            _tuple(layer["stride"]),
+            layer.name or "(model)",
+            layer.kind,
+            _shape(layer.weight_shape),
+            _tuple(layer.stride),
             _padding(layer),
-            _tuple(layer["dilation"]),
-            str(layer["groups"]),
-            "yes" if layer["bias"] else "no",
+            _tuple(layer.dilation),
+            str(layer.groups),
+            "yes" if layer.bias else "no",
         ]
         if with_shapes:
-            row += [_shape(layer.get("input_shape")), _shape(layer.get("output_shape"))]
-        row.append(human_count(layer["params"]))
-        table.add_row(*row)
-    table.caption = f"conv parameters: {result['conv_params']:,}"
+            row += [_shape(layer.input_shape), _shape(layer.output_shape)]
+        row.append(human_count(layer.params))
+        rows.append(row)
+    table, dropped = fitted_table(cols, rows, out.width, DROP_ORDER, title=title)
+    caption = [f"conv parameters: {result.conv_params:,}"]
+    if dropped:
+        caption.append(dropped_note(dropped))
+    table.caption = "\n".join(caption)
     table.caption_justify = "left"
-    stdout().print(table)
+    print_fitted(out, table)

@@ -1,4 +1,9 @@
-"""`convtool count-params` output: rich tables, JSON and CSV of a ParamReport. No counting here."""
+"""`convtool count-params` output: rich tables, JSON and CSV of a ParamReport. No counting here.
+
+Four tables: parameters, memory, multiply-adds (one row per layer) and the model totals. Each
+fits the console's width by leaving out columns in the orders PARAMS_DROP / TOTALS_DROP, then
+wrapping layer names at '.'; numbers are never cut or split from their units.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,20 @@ from rich.table import Table
 from rich.text import Text
 
 from convtool.params import LayerCounts, ParamReport, Totals
-from convtool.render.common import emit_json, human_bytes, human_count, name_width, stdout
+from convtool.render.common import (
+    Col,
+    dropped_note,
+    emit_json,
+    fitted_table,
+    human_bytes,
+    human_count,
+    print_fitted,
+    stdout,
+)
+
+# At a narrow width, columns go in these orders (README: "Tables at 80 columns").
+PARAMS_DROP = ("Type", "Input", "Output", "FC nonzero")
+TOTALS_DROP = ("x original",)
 
 MISSING = "-"
 NOT_APPLICABLE = "n/a"
@@ -83,19 +101,24 @@ def _name(layer: LayerCounts) -> str:
     return layer.name + ("*" if layer.shared_with or layer.tied_to else "")
 
 
-def params_table(report: ParamReport) -> Table:
+def _layer_col() -> Col:
+    return Col("Layer", name=True)
+
+
+def params_table(report: ParamReport, width: int = 160) -> tuple[Table, list[str]]:
     """Parameters of each listed layer in each form, with the blow-up over the conv."""
-    table = Table(title="Parameters per layer (bias included)", title_justify="left")
-    table.add_column("Layer", overflow="fold", min_width=name_width(map(_name, report.layers)))
-    table.add_column("Type", no_wrap=True)
-    table.add_column("Input", no_wrap=True)
-    table.add_column("Output", no_wrap=True)
-    table.add_column("Conv", justify="right", no_wrap=True)
-    table.add_column("LC (x conv)", justify="right", no_wrap=True)
-    table.add_column("FC dense (x conv)", justify="right", no_wrap=True)
-    table.add_column("FC nonzero", justify="right", no_wrap=True)
-    for layer in report.layers:
-        table.add_row(
+    cols = [
+        _layer_col(),
+        Col("Type"),
+        Col("Input"),
+        Col("Output"),
+        Col("Conv", right=True),
+        Col("LC (x conv)", right=True),
+        Col("FC dense (x conv)", right=True),
+        Col("FC nonzero", right=True),
+    ]
+    rows = [
+        [
             _name(layer),
             layer.type,
             _shape(layer.input_shape),
@@ -104,59 +127,75 @@ def params_table(report: ParamReport) -> Table:
             _with_ratio(layer.lc_params, layer.lc_ratio, transposed_lc=_no_lc(layer)),
             _with_ratio(layer.fc_params, layer.fc_ratio),
             _count(layer.fc_nonzero),
-        )
-    return table
-
-
-def cost_table(report: ParamReport) -> Table:
-    """Memory of each form in the layer's dtype, and multiply-adds per sample."""
-    dtypes = sorted({layer.dtype for layer in report.layers})
-    title = (
-        f"Memory ({', '.join(dtypes)}; sparse = CSR, int64 indices) and multiply-adds per sample"
+        ]
+        for layer in report.layers
+    ]
+    return fitted_table(
+        cols, rows, width, PARAMS_DROP, title="Parameters per layer (bias included)"
     )
-    table = Table(title=title, title_justify="left")
-    table.add_column("Layer", overflow="fold", min_width=name_width(map(_name, report.layers)))
-    for head in ("Conv", "LC", "FC dense", "FC sparse"):
-        table.add_column(head, justify="right", no_wrap=True)
-    for head in ("MACs conv/LC", "MACs FC dense", "MACs FC sparse"):
-        table.add_column(head, justify="right", no_wrap=True)
-    for layer in report.layers:
-        table.add_row(
+
+
+def memory_table(report: ParamReport, width: int = 160) -> tuple[Table, list[str]]:
+    """Memory of each form in the layer's dtype."""
+    dtypes = sorted({layer.dtype for layer in report.layers})
+    title = f"Memory ({', '.join(dtypes)}; sparse = CSR, int64 indices)"
+    cols = [_layer_col()] + [Col(h, right=True) for h in ("Conv", "LC", "FC dense", "FC sparse")]
+    rows = [
+        [
             _name(layer),
             human_bytes(layer.conv_bytes),
             _bytes(layer.lc_bytes, transposed_lc=_no_lc(layer)),
             _bytes(layer.fc_dense_bytes),
             _bytes(layer.fc_sparse_bytes),
+        ]
+        for layer in report.layers
+    ]
+    return fitted_table(cols, rows, width, title=title)
+
+
+def macs_table(report: ParamReport, width: int = 160) -> tuple[Table, list[str]]:
+    """Multiply-adds per sample of each form (the LC form does as many as the conv)."""
+    cols = [_layer_col()] + [Col(h, right=True) for h in ("Conv / LC", "FC dense", "FC sparse")]
+    rows = [
+        [
+            _name(layer),
             _count(layer.conv_macs),
             _count(layer.fc_dense_macs),
             _count(layer.fc_sparse_macs),
-        )
-    return table
+        ]
+        for layer in report.layers
+    ]
+    return fitted_table(cols, rows, width, title="Multiply-adds per sample")
 
 
-def totals_table(total: Totals) -> Table:
+def totals_table(total: Totals, width: int = 160) -> tuple[Table, list[str]]:
     """The whole model in each form; tied weights once, non-conv parameters in every row."""
     what = "all" if total.converted == total.layers else f"the {total.converted} listed"
-    table = Table(
-        title=f"Model totals (tied weights counted once; {what} conv layers converted)",
-        title_justify="left",
-    )
-    table.add_column("Model", no_wrap=True)
-    table.add_column("Parameters", justify="right", no_wrap=True)
-    table.add_column("x original", justify="right", no_wrap=True)
-    table.add_column("Memory", justify="right", no_wrap=True)
-    table.add_column("Conv-layer MACs / sample", justify="right", no_wrap=True)
     orig = total.original_params
-    rows: list[tuple[str, int | None, int | None, int | None]] = [
+    data: list[tuple[str, int | None, int | None, int | None]] = [
         ("original (conv)", orig, total.original_bytes, total.conv_macs),
         ("locally connected", total.lc_params, total.lc_bytes, total.lc_macs),
         ("fully connected, dense", total.fc_params, total.fc_dense_bytes, total.fc_dense_macs),
         ("fully connected, sparse", total.fc_nonzero, total.fc_sparse_bytes, total.fc_sparse_macs),
     ]
-    for label, params, nbytes, macs in rows:
+    rows = []
+    for label, params, nbytes, macs in data:
         ratio = None if params is None or not orig else params / orig
-        table.add_row(label, _count(params), _ratio(ratio), _bytes(nbytes), _count(macs))
-    return table
+        rows.append([label, _count(params), _ratio(ratio), _bytes(nbytes), _count(macs)])
+    cols = [
+        Col("Model"),
+        Col("Parameters", right=True),
+        Col("x original", right=True),
+        Col("Memory", right=True),
+        Col("Conv MACs / sample", right=True),
+    ]
+    return fitted_table(
+        cols,
+        rows,
+        width,
+        TOTALS_DROP,
+        title=f"Model totals (tied weights counted once; {what} conv layers converted)",
+    )
 
 
 def _notes(report: ParamReport) -> list[str]:
@@ -193,15 +232,22 @@ def _summary(total: Totals) -> str:
 
 
 def render_report(report: ParamReport, console: Console | None = None) -> None:
-    """Print the three tables and the notes (`console`: default stdout)."""
+    """Print the four tables and the notes (`console`: default stdout)."""
     out = console or stdout()
-    out.print(params_table(report))
-    out.print(cost_table(report))
-    out.print(totals_table(report.total))
+    dropped: list[str] = []
+    for build in (params_table, memory_table, macs_table):
+        table, gone = build(report, out.width)
+        print_fitted(out, table)
+        dropped += gone
+    table, gone = totals_table(report.total, out.width)
+    print_fitted(out, table)
+    dropped += gone
     out.print(Text(_summary(report.total)))
     notes = _notes(report)
     if any(layer.shared_with or layer.tied_to for layer in report.layers):
         notes.append("* shares its module or weight with an earlier layer (see its note)")
+    if dropped:
+        notes.append(dropped_note(list(dict.fromkeys(dropped))))
     if notes:
         out.print(Text("Notes:"))
         for line in notes:

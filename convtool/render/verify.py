@@ -1,13 +1,16 @@
-"""The `convtool verify` table and its final PASSED/FAILED line."""
+"""The `convtool verify` table and its final PASSED/FAILED line (columns drop in DROP_ORDER)."""
 
 from __future__ import annotations
 
 import math
 
-from rich.table import Table
+from rich.console import Console
 
-from convtool.render.common import name_width, shape_str, stdout
+from convtool.render.common import Col, dropped_note, fitted_table, print_fitted, shape_str, stdout
 from convtool.verification import FAILED, NOT_APPLICABLE, PASSED, SKIPPED, FormCheck, VerifyReport
+
+# At a narrow width, columns go in this order (README: "Tables at 80 columns").
+DROP_ORDER = ("median abs", "mean abs", "atol needed", "max rel")
 
 _STATUS = {
     PASSED: "[green]pass[/green]",
@@ -56,31 +59,37 @@ def summary_line(report: VerifyReport) -> str:
     )
 
 
-def render_verify_report(report: VerifyReport, source: str = "") -> None:
+def render_verify_report(
+    report: VerifyReport, source: str = "", console: Console | None = None
+) -> None:
     """The comparisons as a table, their notes, and the final PASSED/FAILED line on stdout."""
-    console = stdout()
+    console = console or stdout()
     tol = report.tolerance
     inputs = f"{report.trials} random (seed {report.seed}), ones, zeros"
-    table = Table(
-        title=f"convtool verify{': ' + source if source else ''} ({report.dtype})",
-        title_justify="left",
-        caption=f"inputs: {inputs}; tolerance rtol={tol.rtol:g} atol={tol.atol:g} "
+    cols = [
+        Col("layer", name=True),
+        Col("form"),
+        *(Col(h, right=True) for h in ("max abs", "mean abs", "median abs", "max rel")),
+        Col("atol needed", right=True),
+        Col("result", markup=True),
+    ]
+    rows = [_row(check) for check in [*report.checks, *report.end_to_end]]
+    caption = (
+        f"inputs: {inputs}; tolerance rtol={tol.rtol:g} atol={tol.atol:g} "
         f"({tol.source}). Max abs = tightest atol at rtol=0; max rel = tightest rtol at atol=0; "
-        f"atol needed = tightest atol at rtol={tol.rtol:g}.",
-        caption_justify="left",
+        f"atol needed = tightest atol at rtol={tol.rtol:g}."
     )
-    table.add_column("layer", overflow="fold", min_width=name_width(c.name for c in report.checks))
-    table.add_column("form", no_wrap=True)
-    for name in ("max abs", "mean abs", "median abs", "max rel", "atol needed"):
-        table.add_column(name, justify="right")
-    table.add_column("result")
-    for check in report.checks:
-        table.add_row(*_row(check))
-    if report.end_to_end:
-        table.add_section()
-        for check in report.end_to_end:
-            table.add_row(*_row(check))
-    console.print(table)
+    table, dropped = fitted_table(
+        cols,
+        rows,
+        console.width,
+        DROP_ORDER,
+        sections=[len(report.checks)] if report.end_to_end else [],
+        title=f"convtool verify{': ' + source if source else ''} ({report.dtype})",
+    )
+    table.caption = caption + (f"\n{dropped_note(dropped)}" if dropped else "")
+    table.caption_justify = "left"
+    print_fitted(console, table)
     for check in report.all_checks:
         if check.note:
             console.print(
