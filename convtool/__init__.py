@@ -8,7 +8,9 @@ flattened in C order:
 - :func:`to_locally_connected` / :class:`LocallyConnected2d` (1d, 3d): one kernel per output
   position; :func:`to_fully_connected` / :class:`FullyConnected`: `T` as a layer;
 - :func:`convert_model`: every conv of a model replaced; :func:`count_params`: what each form
-  costs; :func:`verify`: numerical proof that each form equals the conv.
+  costs; :func:`verify`: numerical proof that each form equals the conv;
+- :func:`toeplitz` with `rows=mask` / :func:`region_rows`: only chosen output positions' rows;
+  :class:`RegionConv`: the conv computed only there; :func:`channel_sum_conv`.
 
 Importing convtool does not import typer or rich (only the CLI does).
 """
@@ -26,6 +28,7 @@ from convtool.layers import (
 from convtool.matrices import bias_vector, toeplitz, toeplitz_from_weight
 from convtool.models import FunctionalConvWarning, convert_model, load_converted
 from convtool.params import LayerCounts, ParamReport, Totals, count_params
+from convtool.region import RegionConv, channel_sum_conv, region_rows
 from convtool.spec import ConvSpec
 from convtool.verification import FormCheck, VerifyReport, verify
 
@@ -45,16 +48,19 @@ __all__ = [
     "LocallyConnected3d",
     "ModelTarget",
     "ParamReport",
+    "RegionConv",
     "Target",
     "Tolerance",
     "Totals",
     "VerifyReport",
     "__version__",
     "bias_vector",
+    "channel_sum_conv",
     "compare",
     "convert_model",
     "count_params",
     "load_converted",
+    "region_rows",
     "to_fully_connected",
     "to_locally_connected",
     "toeplitz",

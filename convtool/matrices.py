@@ -563,6 +563,7 @@ def toeplitz_from_weight(
     output_padding: int | Sequence[int] = 0,
     sparse: bool = False,
     layout: SparseLayout = "coo",
+    rows: object | None = None,
 ) -> Tensor:
     """The matrix of a conv given as a raw kernel plus PyTorch's hyperparameters.
 
@@ -572,6 +573,7 @@ def toeplitz_from_weight(
         input_shape: one sample `(C_in, *spatial)` (a leading batch dim is accepted).
         sparse: return a torch sparse tensor (built from indices, never from a dense matrix).
         layout: 'coo' (coalesced) or 'csr' when `sparse`.
+        rows: a boolean output-position mask: only those rows (see :func:`toeplitz`).
 
     Returns:
         `T` of shape `(C_out * prod(out_spatial), C_in * prod(spatial))`, dtype of `weight`
@@ -596,7 +598,7 @@ def toeplitz_from_weight(
         transposed=transposed,
         output_padding=output_padding,
     )
-    return matrix(spec, weight, input_shape, sparse=sparse, layout=layout)
+    return matrix(spec, weight, input_shape, sparse=sparse, layout=layout, rows=rows)
 
 
 def matrix(
@@ -606,14 +608,22 @@ def matrix(
     *,
     sparse: bool = False,
     layout: SparseLayout = "coo",
+    rows: object | None = None,
     max_memory: int | None = None,
 ) -> Tensor:
     """`T` for a spec and its weight (see :func:`toeplitz_from_weight`).
 
     The index arithmetic runs on the CPU; for a weight on another device the result is moved
     there. The memory `T` needs is checked against `max_memory` bytes (default: the machine's
-    available memory) before anything is allocated.
+    available memory) before anything is allocated. `rows`: a boolean output-position mask;
+    only those rows (see :func:`toeplitz`), and only their size is checked.
     """
+    if rows is not None:
+        from convtool.region import region_matrix  # region builds on this module
+
+        return region_matrix(
+            spec, weight, input_shape, rows, sparse=sparse, layout=layout, max_memory=max_memory
+        )
     sample = spec.sample_shape(input_shape)
     weight = _check_weight(spec, weight)
     sizes.check_matrix(spec, sample, weight.dtype, sparse=sparse, max_memory=max_memory)
@@ -631,6 +641,7 @@ def toeplitz(
     *,
     sparse: bool = False,
     layout: SparseLayout = "coo",
+    rows: object | None = None,
 ) -> Tensor:
     """The exact matrix `T` of a conv layer: `layer(x).flatten() == T @ x.flatten() + b`.
 
@@ -638,16 +649,21 @@ def toeplitz(
         layer: `nn.Conv1d/2d/3d` or `nn.ConvTranspose1d/2d/3d`, any hyperparameters.
         input_shape: one sample `(C_in, *spatial)` (a leading batch dim is accepted).
         sparse: return a torch sparse tensor (COO coalesced, or CSR with `layout='csr'`).
+        rows: a boolean mask of shape `(*out_spatial)` (a tensor or numpy array): return only
+            the rows of the masked output positions, for every output channel, in the full
+            matrix's order, built directly from their entries. `convtool.region_rows(layer,
+            input_shape, mask)` gives their indices in the full `T`. For a transposed conv the
+            mask is over the transposed conv's own output positions.
 
     Returns:
-        `T` of shape `(C_out * prod(out_spatial), C_in * prod(spatial))`; the bias is
-        :func:`bias_vector`.
+        `T` of shape `(C_out * prod(out_spatial), C_in * prod(spatial))` (`C_out * mask.sum()`
+        rows with `rows=`); the bias is :func:`bias_vector`.
     """
     spec = ConvSpec.from_module(layer)
     weight = layer.weight
     if not isinstance(weight, Tensor):
         raise ConvtoolError(f"{type(layer).__name__} has no weight tensor")
-    return matrix(spec, weight, input_shape, sparse=sparse, layout=layout)
+    return matrix(spec, weight, input_shape, sparse=sparse, layout=layout, rows=rows)
 
 
 def bias_vector_for(

@@ -679,3 +679,72 @@ def count_params(
         example_input_shape=example,
         missing=missing,
     )
+
+
+# ---------------------------------------------------------------------------- regions
+@dataclass(frozen=True)
+class RegionCounts:
+    """The region form of one conv: the rows of `T` at chosen output positions only.
+
+    Counted from per-axis tables summed over the mask (see :func:`convtool.region.region_counts`):
+    no matrix is built.
+
+    Attributes:
+        positions / total_positions: selected and all output positions.
+        rows / cols: shape of the region matrix (`C_out * positions`, `C_in * prod(spatial)`).
+        nnz: its structural non-zeros; macs: multiply-adds of one sample at the region (taps
+            reading a real value), against `full_macs` for the whole conv.
+        itemsize: bytes per value of the layer's dtype.
+    """
+
+    name: str
+    positions: int
+    total_positions: int
+    rows: int
+    cols: int
+    nnz: int
+    macs: int
+    full_macs: int
+    itemsize: int
+
+    @property
+    def dense_bytes(self) -> int:
+        return sizes.dense_bytes(self.rows, self.cols, self.itemsize)
+
+    @property
+    def csr_bytes(self) -> int:
+        return sizes.csr_bytes(self.nnz, self.rows, self.itemsize)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "positions": self.positions,
+            "total_positions": self.total_positions,
+            "matrix_shape": [self.rows, self.cols],
+            "nnz": self.nnz,
+            "dense_bytes": self.dense_bytes,
+            "sparse_bytes": self.csr_bytes,
+            "macs": self.macs,
+            "full_macs": self.full_macs,
+        }
+
+
+def region_form_counts(
+    name: str, spec: ConvSpec, input_shape: Sequence[int], mask: Any, dtype: torch.dtype
+) -> RegionCounts:
+    """:class:`RegionCounts` of a conv for one sample `(C_in, *spatial)` and an output mask."""
+    from convtool.region import region_counts
+
+    counts = region_counts(spec, input_shape, mask)
+    out = spec.output_shape(spec.sample_shape(input_shape))
+    return RegionCounts(
+        name=name,
+        positions=counts["positions"],
+        total_positions=math.prod(out[1:]),
+        rows=counts["rows"],
+        cols=counts["cols"],
+        nnz=counts["nnz"],
+        macs=counts["macs"],
+        full_macs=tap_count(spec, input_shape),
+        itemsize=_itemsize(dtype),
+    )

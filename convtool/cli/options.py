@@ -7,7 +7,10 @@ import re
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
+import torch
 import typer
+from torch import Tensor
 
 from convtool.errors import ConvtoolError
 from convtool.io.source import ConvFlags, Source, SourceOptions, load_source
@@ -228,3 +231,46 @@ def open_source(
 
 def max_memory(text: str | None) -> int | None:
     return None if text is None else parse_size(text)
+
+
+RoiOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--roi",
+        help="Only the rows of a region of output positions: a box 'h0:h1,w0:w1' (one "
+        "start:stop range per spatial axis of the OUTPUT, Python-style) or a boolean .npy mask "
+        "of the output's spatial shape. For a transposed conv: its own output positions.",
+    ),
+]
+
+
+def roi_mask(text: str, out_spatial: tuple[int, ...]) -> Tensor:
+    """The --roi value as a boolean mask over the output positions (refused before any work)."""
+    from convtool.region import parse_box, region_positions
+
+    if text.strip().lower().endswith(".npy"):
+        path = Path(text.strip())
+        try:
+            array = np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            raise ConvtoolError(f"--roi mask file {str(path)!r} does not exist") from None
+        except (OSError, ValueError) as exc:
+            raise ConvtoolError(
+                f"--roi mask file {str(path)!r} is not a readable .npy: {exc}"
+            ) from None
+        if array.dtype != np.bool_:
+            raise ConvtoolError(
+                f"--roi mask file {str(path)!r} holds {array.dtype}, not bool; save a boolean "
+                f"array of shape {out_spatial}"
+            )
+        mask = torch.from_numpy(np.ascontiguousarray(array))
+    else:
+        try:
+            mask = parse_box(text, out_spatial)
+        except ConvtoolError as exc:
+            raise ConvtoolError(f"--roi: {exc}") from None
+    try:
+        region_positions(mask, out_spatial)
+    except ConvtoolError as exc:
+        raise ConvtoolError(f"--roi: {exc}") from None
+    return mask

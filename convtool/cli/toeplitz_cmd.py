@@ -5,21 +5,28 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import numpy as np
 import typer
+from torch import Tensor
 
 from convtool.cli import options as opt
 from convtool.cli import shapes as sh
 from convtool.cli.app import app
 from convtool.cli.progress import progress
 from convtool.describe import ToeplitzResult
+from convtool.errors import ConvtoolError
 from convtool.inventory import layer_info
 from convtool.io import matrix_files as mf
 from convtool.io.source import check_finite
+from convtool.io.writers import atomic_outputs, check_target
+from convtool.matrices import bias_vector_for, matrix
 from convtool.matrix_output import check_budget, targets, write_matrix
+from convtool.region import region_counts, region_rows_for
 from convtool.render.common import emit_json
 from convtool.render.toeplitz import render_matrix_summary
+from convtool.resources import check_memory
 
 
 @app.command("toeplitz", no_args_is_help=True)
@@ -56,10 +63,13 @@ def toeplitz_command(
     max_memory: opt.MaxMemoryOpt = None,
     forward_kwargs: opt.ForwardKwargsOpt = None,
     layer_input_shape: opt.LayerInputShapeOpt = None,
+    roi: opt.RoiOpt = None,
 ) -> None:
     """Write the exact matrix T of a conv layer: layer(x).flatten() == T @ x.flatten() + b.
 
     Example: convtool toeplitz kernel.npy --input-shape 3,7,9 -o T.npy
+    (with --roi 1:3,0:4, only the rows of those output positions; their indices in the full T
+    go to NAME.rows.npy).
     """
     memory_limit = opt.max_memory(max_memory)
     fmt = mf.matrix_format(output, sparse) if output is not None else None
@@ -78,15 +88,35 @@ def toeplitz_command(
         check_finite(conv)
     shape = sh.layer_input_shape(src, conv, input_shape, layer_input_shape)
     info = layer_info(conv, shape, conv.weight.dtype)
+    mask = None
+    region: dict[str, Any] | None = None
+    if roi is not None:
+        if not conv.exact_spec:
+            raise ConvtoolError(
+                f"--roi needs a layer that is one conv; {conv.name!r} pads its input unevenly "
+                f"(an ONNX node with asymmetric pads)"
+            )
+        mask = opt.roi_mask(roi, info.output_shape[1:])
+        counts = region_counts(conv.spec, shape, mask)
+        info = replace(info, shape=(counts["rows"], counts["cols"]), nnz=counts["nnz"])
+        region = {"roi": roi, "positions": counts["positions"], "macs": counts["macs"]}
     result = ToeplitzResult(str(source), conv.name, info)
     if output is not None and fmt is not None:
         inputs = [p for p in (source, bias) if p is not None]
         paths = targets(output, conv, force, inputs)  # before any work: a refusal costs nothing
+        if mask is not None:
+            paths.append(output.with_name(f"{output.stem}.rows.npy"))
+            check_target(paths[-1], force, inputs)
         check_budget(output, fmt, info, memory_limit)
         started = time.perf_counter()
-        streamed = fmt == "dense" and output.suffix.lower() == ".npy"  # the only long write
-        with progress(info.shape[0], "writing rows", streamed and not json_out) as advance:
-            write_matrix(conv, shape, info, paths, fmt, force=force, inputs=inputs, advance=advance)
+        if mask is not None:
+            _write_region(output, fmt, conv, shape, info, paths, force, inputs, memory_limit, mask)
+        else:
+            streamed = fmt == "dense" and output.suffix.lower() == ".npy"  # the only long write
+            with progress(info.shape[0], "writing rows", streamed and not json_out) as advance:
+                write_matrix(
+                    conv, shape, info, paths, fmt, force=force, inputs=inputs, advance=advance
+                )
         result = replace(
             result,
             format=fmt,
@@ -94,6 +124,63 @@ def toeplitz_command(
             seconds=time.perf_counter() - started,
         )
     if json_out:
-        emit_json(result.to_dict())
+        emit_json({**result.to_dict(), **({"region": region} if region is not None else {})})
     else:
         render_matrix_summary(result)
+
+
+def _write_region(
+    output: Path,
+    fmt: str,
+    conv: Any,
+    shape: tuple[int, ...],
+    info: Any,
+    targets: list[Path],
+    force: bool,
+    inputs: list[Path],
+    memory_limit: int | None,
+    mask: Tensor,
+) -> None:
+    """The rows of a region (built directly, never from T), their bias and their row indices."""
+    suffix = output.suffix.lower()
+    dtype = conv.weight.dtype
+    rows, cols = info.shape
+    if fmt == "dense":  # built whole in memory (check_budget checked one row for a .npy)
+        what = f"a dense {rows} x {cols} {info.dtype} region matrix"
+        check_memory(info.dense_bytes, what, "use --sparse or a smaller --roi", memory_limit)
+    row_index = region_rows_for(conv.spec, shape, mask)
+    bias = None
+    if conv.bias is not None:
+        bias = bias_vector_for(conv.spec, conv.bias, shape, dtype)[row_index]
+    t = matrix(
+        conv.spec,
+        conv.weight,
+        shape,
+        sparse=fmt == "sparse",
+        layout="csr",
+        rows=mask,
+        max_memory=memory_limit,
+    )
+    meta = {
+        "layer": conv.name,
+        "spec": conv.spec.describe(),
+        "input_shape": list(shape),
+        "output_shape": list(info.output_shape),
+        "rows_file": targets[-1].name,  # indices of these rows in the full T
+    }
+    with atomic_outputs(targets, force=force, inputs=inputs) as temps:
+        if suffix == ".npy":
+            mf.write_npy_blocks(temps[0], info.shape, dtype, [(0, t)])
+        elif suffix == ".npz":
+            mf.write_npz(temps[0], t, bias)
+        elif suffix == ".mtx":
+            mf.write_mtx(temps[0], t, comment=f" {conv.name}: {conv.spec.describe()} region rows")
+        elif suffix == ".pt":
+            mf.write_pt(temps[0], t, bias, meta)
+        elif suffix == ".safetensors":
+            mf.write_safetensors(temps[0], t, bias, meta)
+        else:  # pragma: no cover - matrix_format already refused it
+            raise ConvtoolError(f"unsupported output {str(output)!r}")
+        if bias is not None and len(temps) > 2:
+            np.save(temps[1], bias.numpy())
+        np.save(temps[-1], row_index.numpy())
