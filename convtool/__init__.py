@@ -24,6 +24,7 @@ from convtool.layers import (
 )
 from convtool.matrices import bias_vector, toeplitz, toeplitz_from_weight
 from convtool.models import FunctionalConvWarning, convert_model, load_converted
+from convtool.operators import ConvOperator, Spectrum, linear_operator, spectrum
 from convtool.params import LayerCounts, ParamReport, Totals, count_params
 from convtool.spec import ConvSpec
 from convtool.verification import FormCheck, VerifyReport, verify
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Comparison",
+    "ConvOperator",
     "ConvSpec",
     "ConvtoolError",
     "FormCheck",
@@ -42,6 +44,7 @@ __all__ = [
     "LocallyConnected2d",
     "LocallyConnected3d",
     "ParamReport",
+    "Spectrum",
     "Tolerance",
     "Totals",
     "VerifyReport",
@@ -50,7 +53,9 @@ __all__ = [
     "compare",
     "convert_model",
     "count_params",
+    "linear_operator",
     "load_converted",
+    "spectrum",
     "to_fully_connected",
     "to_locally_connected",
     "toeplitz",
