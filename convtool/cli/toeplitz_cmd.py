@@ -57,6 +57,14 @@ def toeplitz_command(
     allow_pickle: opt.AllowPickleOpt = False,
     allow_nonfinite: opt.AllowNonfiniteOpt = False,
     max_memory: opt.MaxMemoryOpt = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot",
+            help="Write a PNG of T's block structure (entries when small, else a density image; "
+            "needs matplotlib).",
+        ),
+    ] = None,
 ) -> None:
     """Write the exact matrix T of a conv layer: layer(x).flatten() == T @ x.flatten() + b.
 
@@ -64,6 +72,11 @@ def toeplitz_command(
     """
     memory_limit = opt.max_memory(max_memory)
     fmt = mf.matrix_format(output, sparse) if output is not None else None
+    if plot is not None:
+        from convtool.render.plots import require_matplotlib
+
+        require_matplotlib()
+        check_target(plot, force, [p for p in (source, bias) if p is not None])
     src = opt.open_source(
         source,
         layer,
@@ -90,6 +103,13 @@ def toeplitz_command(
         started = time.perf_counter()
         _write(output, fmt, conv, shape, info, targets, force, inputs, memory_limit, json_out)
         result.update(outputs=[str(t) for t in targets], seconds=time.perf_counter() - started)
+    if plot is not None:
+        from convtool.render.plots import plot_matrix
+
+        title = f"{conv.name}: {conv.spec.describe()} on {shape}"
+        with atomic_outputs([plot], force=force, inputs=[source]) as temps:
+            result["plot"] = plot_matrix(temps[0], conv.spec, conv.weight, shape, title)
+        result["outputs"] = [*result["outputs"], str(plot)]
     if json_out:
         emit_json(result)
     else:
