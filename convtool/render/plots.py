@@ -112,8 +112,7 @@ def plot_matrix(
             r, c = c, r
         img[r.numpy(), c.numpy()] = v.numpy()
         lim = float(np.nanmax(np.abs(img))) if np.isfinite(img).any() else 1.0
-        cmap = plt.get_cmap("RdBu_r").copy()
-        cmap.set_bad("white")
+        cmap = plt.get_cmap("RdBu_r").with_extremes(bad="white")
         im = ax.imshow(img, cmap=cmap, vmin=-lim, vmax=lim, interpolation="nearest")
         fig.colorbar(im, ax=ax, shrink=0.7, label="entry of T")
     else:
@@ -122,8 +121,7 @@ def plot_matrix(
         dens = _density(spec, w, shape, bins)
         cell = (rows / bins[0]) * (cols / bins[1])
         img = np.where(dens > 0, dens / cell, np.nan)
-        cmap = plt.get_cmap("viridis").copy()
-        cmap.set_bad("white")
+        cmap = plt.get_cmap("viridis").with_extremes(bad="white")
         im = ax.imshow(
             img,
             cmap=cmap,
