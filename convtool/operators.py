@@ -109,6 +109,8 @@ class ConvOperator(LinearOperator):
         spatial = self.input_shape[1:]
         self._padded = tuple(n + lo + hi for n, (lo, hi) in zip(spatial, pads, strict=True))
         self._gathers: list[Tensor] | None = None
+        # zero padding, the same on both sides: the conv pads itself (no padded copy)
+        self._own_pad = spec.padding_mode == "zeros" and all(lo == hi for lo, hi in pads)
         if not spec.transposed and spec.padding_mode != "zeros":
             self._gathers = [
                 _pad_index(n, lo, hi, spec.padding_mode)
@@ -149,6 +151,9 @@ class ConvOperator(LinearOperator):
             return self._conv(
                 x, self.weight, None, s.stride, s.padding, s.output_padding, s.groups, s.dilation
             )
+        if self._own_pad:
+            pad = tuple(lo for lo, _ in s.pad_pairs)
+            return self._conv(x, self.weight, None, s.stride, pad, s.dilation, s.groups)
         return self._conv(self._pad(x), self.weight, None, s.stride, 0, s.dilation, s.groups)
 
     def adjoint(self, y: Tensor) -> Tensor:
@@ -168,6 +173,9 @@ class ConvOperator(LinearOperator):
                 self._padded, out_sp, s.stride, s.dilation, s.kernel_size, strict=True
             )
         )
+        if self._own_pad:  # conv_transpose's padding crops exactly what the conv padded
+            pad = tuple(lo for lo, _ in s.pad_pairs)
+            return self._adj(y, self.weight, None, s.stride, pad, extra, s.groups, s.dilation)
         g = self._adj(y, self.weight, None, s.stride, 0, extra, s.groups, s.dilation)
         return self._unpad(g)
 
