@@ -27,6 +27,7 @@ from convtool.layers import (
 )
 from convtool.matrices import bias_vector, toeplitz, toeplitz_from_weight
 from convtool.models import FunctionalConvWarning, convert_model, load_converted
+from convtool.operators import ConvOperator, Spectrum, linear_operator, spectrum
 from convtool.params import LayerCounts, ParamReport, Totals, count_params
 from convtool.region import RegionConv, channel_sum_conv, region_rows
 from convtool.spec import ConvSpec
@@ -36,6 +37,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Comparison",
+    "ConvOperator",
     "ConvSpec",
     "ConvtoolError",
     "Form",
@@ -49,6 +51,7 @@ __all__ = [
     "ModelTarget",
     "ParamReport",
     "RegionConv",
+    "Spectrum",
     "Target",
     "Tolerance",
     "Totals",
@@ -59,8 +62,10 @@ __all__ = [
     "compare",
     "convert_model",
     "count_params",
+    "linear_operator",
     "load_converted",
     "region_rows",
+    "spectrum",
     "to_fully_connected",
     "to_locally_connected",
     "toeplitz",

@@ -64,6 +64,14 @@ def toeplitz_command(
     forward_kwargs: opt.ForwardKwargsOpt = None,
     layer_input_shape: opt.LayerInputShapeOpt = None,
     roi: opt.RoiOpt = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot",
+            help="Write a PNG of T's block structure (entries when small, else a density image; "
+            "needs matplotlib).",
+        ),
+    ] = None,
 ) -> None:
     """Write the exact matrix T of a conv layer: layer(x).flatten() == T @ x.flatten() + b.
 
@@ -73,6 +81,11 @@ def toeplitz_command(
     """
     memory_limit = opt.max_memory(max_memory)
     fmt = mf.matrix_format(output, sparse) if output is not None else None
+    if plot is not None:
+        from convtool.render.plots import require_matplotlib
+
+        require_matplotlib()
+        check_target(plot, force, [p for p in (source, bias) if p is not None])
     src = opt.open_source(
         source,
         layer,
@@ -86,6 +99,11 @@ def toeplitz_command(
     conv = sh.pick_layer(src, layer, input_shape, layer_input_shape)
     if not allow_nonfinite:
         check_finite(conv)
+    if plot is not None:  # refused before any work, not after the matrix was written
+        from convtool.render.plots import require_matplotlib
+
+        check_target(plot, force, [source])
+        require_matplotlib()
     shape = sh.layer_input_shape(src, conv, input_shape, layer_input_shape)
     info = layer_info(conv, shape, conv.weight.dtype)
     mask = None
@@ -123,8 +141,21 @@ def toeplitz_command(
             outputs=tuple(str(t) for t in paths),
             seconds=time.perf_counter() - started,
         )
+    extra: dict[str, Any] = {"region": region} if region is not None else {}
+    if plot is not None:
+        from convtool.render.plots import plot_matrix
+
+        if not conv.exact_spec:
+            raise ConvtoolError(
+                f"--plot needs a layer that is one conv; {conv.name!r} pads its input unevenly "
+                f"(an ONNX node with asymmetric pads)"
+            )
+        title = f"{conv.name}: {conv.spec.describe()} on {shape}"
+        with atomic_outputs([plot], force=force, inputs=[source]) as temps:
+            extra["plot"] = plot_matrix(temps[0], conv.spec, conv.weight, shape, title)
+        result = replace(result, outputs=(*result.outputs, str(plot)))
     if json_out:
-        emit_json({**result.to_dict(), **({"region": region} if region is not None else {})})
+        emit_json({**result.to_dict(), **extra})
     else:
         render_matrix_summary(result)
 
