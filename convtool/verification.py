@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -1012,7 +1013,23 @@ def _detached(t: Tensor | None) -> Tensor | None:
     return t.detach() if t is not None else None
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _within_budget(fn: F) -> F:
+    """Run `fn` with the memory checks of everything it calls held to its `max_memory` budget
+    (or the machine's total memory), never the momentary free memory."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with memory_limit(memory_budget(kwargs.get("max_memory")).nbytes):
+            return fn(*args, **kwargs)
+
+    return cast(F, wrapper)
+
+
 # ---------------------------------------------------------------------------------- front doors
+@_within_budget
 def verify_layers(
     layers: Sequence[tuple[ConvLayer, Sequence[int]]],
     *,
@@ -1040,32 +1057,6 @@ def verify_layers(
         ConvtoolError: when nothing at all could be compared (every check skipped or not
             applicable), saying why; a report that compared nothing would prove nothing.
     """
-    with memory_limit(memory_budget(max_memory).nbytes):
-        return _verify_layers(
-            layers, model=model, example_shape=example_shape, to=to, dtype=dtype, trials=trials,
-            seed=seed, rtol=rtol, atol=atol, max_memory=max_memory, end_to_end=end_to_end,
-            strict=strict, advance=advance, forward_kwargs=forward_kwargs,
-        )  # fmt: skip
-
-
-def _verify_layers(
-    layers: Sequence[tuple[ConvLayer, Sequence[int]]],
-    *,
-    model: nn.Module | None = None,
-    example_shape: Sequence[int] | None = None,
-    to: str = Target.ALL,
-    dtype: torch.dtype | str = torch.float64,
-    trials: int = 3,
-    seed: int = 0,
-    rtol: float | None = None,
-    atol: float | None = None,
-    max_memory: int | None = None,
-    end_to_end: bool = True,
-    strict: bool = False,
-    advance: Advance | None = None,
-    forward_kwargs: Mapping[str, Any] | None = None,
-) -> VerifyReport:
-    """The body of :func:`verify_layers`, under its memory limit."""
     dtype = parse_dtype(dtype)
     _check_counts(trials, seed)
     tol = _tolerance(dtype, rtol, atol)
