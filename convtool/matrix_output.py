@@ -9,16 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from convtool import sizes
 from convtool.errors import ConvtoolError
 from convtool.inventory import ConvLayer, layer_bias_vector, layer_matrix
 from convtool.io import matrix_files as mf
 from convtool.io.writers import atomic_outputs, check_target
-from convtool.matrices import MatrixInfo, dense_row_blocks
+from convtool.matrices import MatrixInfo, bias_vector_for, dense_row_blocks, matrix
+from convtool.region import region_rows_for
 from convtool.resources import check_disk, check_memory
 
 BLOCK_BYTES = 128 * 1024**2  # dense rows streamed to .npy per block
@@ -98,19 +101,80 @@ def write_matrix(
         "output_shape": list(info.output_shape),
     }
     with atomic_outputs(paths, force=force, inputs=inputs) as temps:
-        if suffix == ".npy":  # a padded or cropped layer: built whole, then saved
-            mf.write_npy_blocks(temps[0], info.shape, dtype, [(0, t)], advance or (lambda n: None))
-        elif suffix == ".npz":
-            mf.write_npz(temps[0], t, bias)
-        elif suffix == ".mtx":
-            mf.write_mtx(temps[0], t, comment=f" {conv.name}: {conv.spec.describe()}")
-        elif suffix == ".pt":
-            mf.write_pt(temps[0], t, bias, meta)
-        elif suffix == ".safetensors":
-            mf.write_safetensors(temps[0], t, bias, meta)
-        else:  # pragma: no cover - matrix_format already refused it
-            raise ConvtoolError(f"unsupported output {str(output)!r}")
+        # a padded or cropped layer: built whole, then saved
+        _save_built(temps[0], t, bias, meta, f" {conv.name}: {conv.spec.describe()}", advance)
         _save_bias(temps, bias)
+
+
+def _save_built(
+    temp: Path,
+    t: Tensor,
+    bias: Tensor | None,
+    meta: dict[str, Any],
+    comment: str,
+    advance: Callable[[int], None] | None = None,
+) -> None:
+    """A matrix already in memory, in the format of `temp`'s suffix."""
+    suffix = temp.suffix.lower()
+    if suffix == ".npy":
+        rows, cols = t.shape
+        mf.write_npy_blocks(temp, (rows, cols), t.dtype, [(0, t)], advance or (lambda n: None))
+    elif suffix == ".npz":
+        mf.write_npz(temp, t, bias)
+    elif suffix == ".mtx":
+        mf.write_mtx(temp, t, comment=comment)
+    elif suffix == ".pt":
+        mf.write_pt(temp, t, bias, meta)
+    elif suffix == ".safetensors":
+        mf.write_safetensors(temp, t, bias, meta)
+    else:  # pragma: no cover - matrix_format already refused it
+        raise ConvtoolError(f"unsupported output {str(temp)!r}")
+
+
+def write_region(
+    conv: ConvLayer,
+    input_shape: tuple[int, ...],
+    info: MatrixInfo,
+    paths: list[Path],
+    fmt: str,
+    mask: Tensor,
+    *,
+    force: bool = False,
+    inputs: Sequence[Path] = (),
+    max_memory: int | None = None,
+) -> None:
+    """The rows of `T` at the output positions of `mask` (built directly, never from `T`) to
+    `paths[0]`, for a .npy their bias to `paths[1]`, and their indices in the full `T` to
+    `paths[-1]` (`NAME.rows.npy`). Call :func:`check_budget` first."""
+    dtype = conv.weight.dtype
+    rows, cols = info.shape
+    if fmt == "dense":  # built whole in memory (check_budget checked one row for a .npy)
+        what = f"a dense {rows} x {cols} {info.dtype} region matrix"
+        check_memory(
+            info.dense_bytes, what, "use sparse=True or a smaller region", max_memory,
+            params=("sparse",),
+        )  # fmt: skip
+    row_index = region_rows_for(conv.spec, input_shape, mask)
+    bias = None
+    if conv.bias is not None:
+        bias = bias_vector_for(conv.spec, conv.bias, input_shape, dtype)[row_index]
+    t = matrix(
+        conv.spec, conv.weight, input_shape, sparse=fmt == "sparse", layout="csr", rows=mask,
+        max_memory=max_memory,
+    )  # fmt: skip
+    meta = {
+        "layer": conv.name,
+        "spec": conv.spec.describe(),
+        "input_shape": list(input_shape),
+        "output_shape": list(info.output_shape),
+        "rows_file": paths[-1].name,  # indices of these rows in the full T
+    }
+    comment = f" {conv.name}: {conv.spec.describe()} region rows"
+    with atomic_outputs(paths, force=force, inputs=inputs) as temps:
+        _save_built(temps[0], t, bias, meta, comment)
+        if bias is not None and len(temps) > 2:
+            np.save(temps[1], bias.numpy())
+        np.save(temps[-1], row_index.numpy())
 
 
 def _save_bias(temps: list[Path], bias: torch.Tensor | None) -> None:

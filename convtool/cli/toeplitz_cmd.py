@@ -7,9 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
-import numpy as np
 import typer
-from torch import Tensor
 
 from convtool.cli import options as opt
 from convtool.cli import shapes as sh
@@ -21,12 +19,10 @@ from convtool.inventory import layer_info
 from convtool.io import matrix_files as mf
 from convtool.io.source import check_finite
 from convtool.io.writers import atomic_outputs, check_target
-from convtool.matrices import bias_vector_for, matrix
-from convtool.matrix_output import check_budget, targets, write_matrix
-from convtool.region import region_counts, region_rows_for
+from convtool.matrix_output import check_budget, targets, write_matrix, write_region
+from convtool.region import region_counts
 from convtool.render.common import emit_json
 from convtool.render.toeplitz import render_matrix_summary
-from convtool.resources import check_memory
 
 
 @app.command("toeplitz", no_args_is_help=True)
@@ -128,7 +124,10 @@ def toeplitz_command(
         check_budget(output, fmt, info, memory_limit)
         started = time.perf_counter()
         if mask is not None:
-            _write_region(output, fmt, conv, shape, info, paths, force, inputs, memory_limit, mask)
+            write_region(
+                conv, shape, info, paths, fmt, mask, force=force, inputs=inputs,
+                max_memory=memory_limit,
+            )  # fmt: skip
         else:
             streamed = fmt == "dense" and output.suffix.lower() == ".npy"  # the only long write
             with progress(info.shape[0], "writing rows", streamed and not json_out) as advance:
@@ -158,60 +157,3 @@ def toeplitz_command(
         emit_json({**result.to_dict(), **extra})
     else:
         render_matrix_summary(result)
-
-
-def _write_region(
-    output: Path,
-    fmt: str,
-    conv: Any,
-    shape: tuple[int, ...],
-    info: Any,
-    targets: list[Path],
-    force: bool,
-    inputs: list[Path],
-    memory_limit: int | None,
-    mask: Tensor,
-) -> None:
-    """The rows of a region (built directly, never from T), their bias and their row indices."""
-    suffix = output.suffix.lower()
-    dtype = conv.weight.dtype
-    rows, cols = info.shape
-    if fmt == "dense":  # built whole in memory (check_budget checked one row for a .npy)
-        what = f"a dense {rows} x {cols} {info.dtype} region matrix"
-        check_memory(info.dense_bytes, what, "use --sparse or a smaller --roi", memory_limit)
-    row_index = region_rows_for(conv.spec, shape, mask)
-    bias = None
-    if conv.bias is not None:
-        bias = bias_vector_for(conv.spec, conv.bias, shape, dtype)[row_index]
-    t = matrix(
-        conv.spec,
-        conv.weight,
-        shape,
-        sparse=fmt == "sparse",
-        layout="csr",
-        rows=mask,
-        max_memory=memory_limit,
-    )
-    meta = {
-        "layer": conv.name,
-        "spec": conv.spec.describe(),
-        "input_shape": list(shape),
-        "output_shape": list(info.output_shape),
-        "rows_file": targets[-1].name,  # indices of these rows in the full T
-    }
-    with atomic_outputs(targets, force=force, inputs=inputs) as temps:
-        if suffix == ".npy":
-            mf.write_npy_blocks(temps[0], info.shape, dtype, [(0, t)])
-        elif suffix == ".npz":
-            mf.write_npz(temps[0], t, bias)
-        elif suffix == ".mtx":
-            mf.write_mtx(temps[0], t, comment=f" {conv.name}: {conv.spec.describe()} region rows")
-        elif suffix == ".pt":
-            mf.write_pt(temps[0], t, bias, meta)
-        elif suffix == ".safetensors":
-            mf.write_safetensors(temps[0], t, bias, meta)
-        else:  # pragma: no cover - matrix_format already refused it
-            raise ConvtoolError(f"unsupported output {str(output)!r}")
-        if bias is not None and len(temps) > 2:
-            np.save(temps[1], bias.numpy())
-        np.save(temps[-1], row_index.numpy())
