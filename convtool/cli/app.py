@@ -121,6 +121,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # docstrings are wrapped prose: join their lines
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
