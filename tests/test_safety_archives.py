@@ -200,7 +200,7 @@ def test_damaged_archives_are_one_line(tmp_path: Path, base_members: Members) ->
 
 
 # ----------------------------------------------------------------------- non-regular files
-@pytest.mark.parametrize("suffix", [".pt", ".pt2", ".npy", ".safetensors"])
+@pytest.mark.parametrize("suffix", [".pt", ".pt2", ".npy", ".safetensors", ".onnx"])
 def test_fifo_is_refused_without_blocking(tmp_path: Path, suffix: str) -> None:
     fifo = tmp_path / f"x{suffix}"
     os.mkfifo(fifo)
@@ -217,7 +217,7 @@ def test_fifo_is_refused_without_blocking(tmp_path: Path, suffix: str) -> None:
 
 
 @pytest.mark.parametrize("device", ["/dev/zero", "/dev/urandom"])
-@pytest.mark.parametrize("suffix", [".pt", ".pt2"])
+@pytest.mark.parametrize("suffix", [".pt", ".pt2", ".onnx"])
 def test_devices_are_refused_directly_and_through_symlinks(
     tmp_path: Path, device: str, suffix: str
 ) -> None:

@@ -19,10 +19,13 @@ def _onnx() -> Any:
 
 
 def read_onnx(path: Path) -> Any:
-    """An `onnx.ModelProto` from a file (external data next to it is read too)."""
+    """An `onnx.ModelProto` from a file, read as every ONNX source is (external data only from
+    the model's own folder, see :mod:`convtool.io.onnx_reader`), then checked by onnx.checker."""
+    from convtool.io.onnx_reader import read_onnx as read_source
+
     onnx = _onnx()
+    model = read_source(path)
     try:
-        model = onnx.load(str(path))
         onnx.checker.check_model(model)
     except Exception as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from convtool.errors import ConvtoolError
+from convtool.io.tensors import read_bytes
 
 __all__ = ["read_onnx"]
 
@@ -37,8 +38,9 @@ def read_onnx(path: Path) -> Any:
         import onnx
     except ImportError:  # pragma: no cover - onnx is a dependency
         raise ConvtoolError("reading .onnx needs the onnx package: pip install onnx") from None
+    data = read_bytes(path)  # a regular file, read once and no further than its size
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        model = onnx.load_model_from_string(data)
     except Exception as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConvtoolError(
