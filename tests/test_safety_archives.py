@@ -225,7 +225,8 @@ def test_devices_are_refused_directly_and_through_symlinks(
     link.symlink_to(device)
     for path in (Path(device), link):
         for command in COMMANDS:
-            extra = ["-o", tmp_path / "out.pt"] if command == "convert" else []
+            out = tmp_path / ("out.onnx" if suffix == ".onnx" else "out.pt")
+            extra = ["-o", out] if command == "convert" else []
             message = one_line_error(run(command, path, "-i", "1,1,8", *COMMANDS[command], *extra))
             assert "device" in message
 
