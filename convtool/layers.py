@@ -281,12 +281,16 @@ class _LocallyConnectedFunction(torch.autograd.Function):
         batch, cout_g = math.prod(out_sp) * groups, c_out // groups
         per_row = batch // out_sp[0]
 
-        # (N, C_out, *out) -> (P*G, N, C_out/g)
-        if groups == 1:
-            gy = _transpose(grad, n * c_out).view(batch, n, cout_g)
-        else:
-            gy = grad.reshape(n, groups, cout_g, -1).permute(3, 1, 0, 2).contiguous()
-            gy = gy.view(batch, n, cout_g)
+        # (N, C_out, *out) -> (P*G, N, C_out/g); with one group a chunk at a time, in cache
+        # (see forward).
+        g2d = grad.reshape(n * c_out, batch) if groups == 1 and _eager(grad) else None
+        gy = gbuf = None
+        if g2d is None:
+            if groups == 1:
+                gy = _transpose(grad, n * c_out).view(batch, n, cout_g)
+            else:
+                gy = grad.reshape(n, groups, cout_g, -1).permute(3, 1, 0, 2).contiguous()
+                gy = gy.view(batch, n, cout_g)
         mat = weight.reshape(batch, cout_g, -1)
         grad_x = grad_w = grad_b = None
         if has_bias and ctx.needs_input_grad[2]:
@@ -299,12 +303,21 @@ class _LocallyConnectedFunction(torch.autograd.Function):
         per_position = groups * mat.shape[2] * n * grad.element_size()
         for lo, hi in _row_chunks(out_sp, per_position) if want_w or want_x else []:
             part = slice(lo * per_row, hi * per_row)
+            if g2d is not None:
+                if gbuf is None:  # the first chunk is the largest
+                    gbuf = grad.new_empty((hi - lo) * per_row, n * c_out)
+                gy_part = gbuf[: (hi - lo) * per_row]
+                gy_part.copy_(g2d[:, part].t())
+                gy_part = gy_part.view(-1, n, cout_g)
+            else:
+                assert gy is not None
+                gy_part = gy[part]
             if grad_w is not None:
                 cols = _windows(xt, (lo, hi), kernel, stride, dilation, groups)
                 if n == 1:  # outer products
-                    torch.mul(gy[part].transpose(1, 2), cols.transpose(1, 2), out=grad_w[part])
+                    torch.mul(gy_part.transpose(1, 2), cols.transpose(1, 2), out=grad_w[part])
                 else:
-                    _matmuls(gy[part].transpose(1, 2), cols.transpose(1, 2), out=grad_w[part])
+                    _matmuls(gy_part.transpose(1, 2), cols.transpose(1, 2), out=grad_w[part])
             if gxs is None:
                 continue
             chunk_sp = (hi - lo, *out_sp[1:])
@@ -313,10 +326,10 @@ class _LocallyConnectedFunction(torch.autograd.Function):
                 # N is small; the tap loop below then reads N with a stride instead.
                 # At N=1 these are vector-matrix products (see _matmuls).
                 prod = _matmuls if n == 1 else torch.bmm
-                gcols = prod(gy[part], mat[part]).view(*chunk_sp, groups, n, cin_g, *kernel)
+                gcols = prod(gy_part, mat[part]).view(*chunk_sp, groups, n, cin_g, *kernel)
                 to_dest = (ndim, ndim + 2, *range(ndim), ndim + 1)
             else:
-                gcols = torch.bmm(mat[part].transpose(1, 2), gy[part].transpose(1, 2))
+                gcols = torch.bmm(mat[part].transpose(1, 2), gy_part.transpose(1, 2))
                 gcols = gcols.view(*chunk_sp, groups, cin_g, *kernel, n)
                 to_dest = (ndim, ndim + 1, *range(ndim), ndim + 2)
             lead = ndim + 3 if small else ndim + 2
