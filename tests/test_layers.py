@@ -557,3 +557,35 @@ def test_stacked_matmul_on_every_layout(dtype):
         out = torch.empty_like(expected)
         _matmuls(x, y, out=out)
         torch.testing.assert_close(out, expected, **tol, msg=name)
+
+
+def test_lc_weight_gradient_buffer_is_reused_only_when_nothing_holds_it():
+    """The weight gradient is written into the previous one's pages once it was dropped, and
+    never into a gradient someone still holds."""
+    conv = make_conv(2, 2, 3, 3, padding=1)
+    lc = to_locally_connected(conv, (2, 5, 4))
+    x = batch((2, 5, 4), n=3)
+    grads = [torch.randn(3, 3, 5, 4, dtype=torch.float64) for _ in range(3)]
+
+    def expected(g):
+        # per-position weight gradient from torch's own unfolding of the input
+        cols = torch.nn.functional.unfold(x, 3, padding=1)  # (N, C_in*9, P)
+        gw = torch.einsum("ncp,nkp->pck", g.flatten(2), cols)
+        return gw.reshape(lc.weight.shape)
+
+    wanted = [expected(g) for g in grads]
+    lc(x).backward(grads[0])
+    held = lc.weight.grad
+    lc.weight.grad = None
+    lc(x).backward(grads[1])  # `held` is still referenced: a fresh array
+    assert lc.weight.grad.data_ptr() != held.data_ptr()
+    torch.testing.assert_close(held, wanted[0], **F64)
+    torch.testing.assert_close(lc.weight.grad, wanted[1], **F64)
+    first = lc.weight.grad.data_ptr()
+    lc.weight.grad = None
+    lc(x).backward(grads[2])  # nothing holds the previous one: its pages are reused
+    assert lc.weight.grad.data_ptr() == first
+    torch.testing.assert_close(lc.weight.grad, wanted[2], **F64)
+    # accumulation into a held gradient still adds
+    lc(x).backward(grads[0])
+    torch.testing.assert_close(lc.weight.grad, wanted[2] + wanted[0], **F64)
