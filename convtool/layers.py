@@ -16,6 +16,9 @@ tensors (about the time to read the weights; `torch.bmm` takes twice that). The 
 out (:class:`_LocallyConnectedFunction`): autograd's own would hand `bmm` gradients with no unit
 stride, which it multiplies one matrix at a time, and undo the windows with `unfold_backward`,
 making a training step about 2.5x slower than the explicit transposes and tap loop used here.
+The weight gradient is numpy's stacked matmul too (up to 1.5x faster than `torch.bmm` on these
+small blocks) and is written into the previous step's buffer once nothing holds that any more
+(:func:`_weight_grad_buffer`): a fresh weight-sized array costs page faults at every step.
 """
 
 from __future__ import annotations
