@@ -507,3 +507,85 @@ def test_lc_single_sample_path_is_traced_by_torch_not_numpy():
     program = torch.export.export(lc, (x,))
     x2 = batch((2, 6, 5), n=1)
     torch.testing.assert_close(program.module()(x2), conv(x2), **F64)
+
+
+@pytest.mark.parametrize("ndim, cin, cout, spatial, k, kw", CHUNK_CASES)
+def test_lc_gradients_on_the_torch_only_paths_equal_conv(
+    monkeypatch, ndim, cin, cout, spatial, k, kw
+):
+    """Traced or wrapped tensors take the torch-only paths (no numpy, no chunk-by-chunk
+    transposes of the output gradient): their gradients still equal the conv's."""
+    import convtool.layers as layers
+
+    monkeypatch.setattr(layers, "_CHUNK_BYTES", 1)
+    monkeypatch.setattr(layers, "_eager", lambda *tensors: False)
+    monkeypatch.setattr(layers, "_plain_cpu", lambda *tensors: False)
+    conv = make_conv(ndim, cin, cout, k, **kw)
+    lc = to_locally_connected(conv, (cin, *spatial))
+    x = batch((cin, *spatial), n=3).requires_grad_()
+    x_lc = x.detach().clone().requires_grad_()
+    y, y_lc = conv(x), lc(x_lc)
+    torch.testing.assert_close(y_lc, y, **F64)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_lc.backward(g)
+    torch.testing.assert_close(x_lc.grad, x.grad, **F64)
+    torch.testing.assert_close(lc.weight.grad.sum(tuple(range(ndim))), conv.weight.grad, **F64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_stacked_matmul_on_every_layout(dtype):
+    """numpy where both operands are BLAS matrices as they lie, torch.bmm on other layouts."""
+    from convtool.layers import _blas_layout, _matmuls
+
+    torch.manual_seed(0)
+    a = torch.randn(5, 4, 6, dtype=dtype)
+    b = torch.randn(5, 7, 3, dtype=dtype)
+    layouts = {
+        "plain": (a, b[:, :6]),
+        "transposed": (
+            a.transpose(1, 2).contiguous().transpose(1, 2),
+            b[:, :6].transpose(1, 2).contiguous().transpose(1, 2),
+        ),
+        "strided": (a[:, :, ::2], b[:, 1::2]),  # neither stride is 1: not a BLAS matrix
+    }
+    assert not _blas_layout(layouts["strided"][0])
+    for name, (x, y) in layouts.items():
+        expected = torch.stack([x[i].contiguous() @ y[i].contiguous() for i in range(5)])
+        tol = {} if dtype == torch.float64 else {"atol": 1e-5, "rtol": 1e-5}
+        torch.testing.assert_close(_matmuls(x, y), expected, **tol, msg=name)
+        out = torch.empty_like(expected)
+        _matmuls(x, y, out=out)
+        torch.testing.assert_close(out, expected, **tol, msg=name)
+
+
+def test_lc_weight_gradient_buffer_is_reused_only_when_nothing_holds_it():
+    """The weight gradient is written into the previous one's pages once it was dropped, and
+    never into a gradient someone still holds."""
+    conv = make_conv(2, 2, 3, 3, padding=1)
+    lc = to_locally_connected(conv, (2, 5, 4))
+    x = batch((2, 5, 4), n=3)
+    grads = [torch.randn(3, 3, 5, 4, dtype=torch.float64) for _ in range(3)]
+
+    def expected(g):
+        # per-position weight gradient from torch's own unfolding of the input
+        cols = torch.nn.functional.unfold(x, 3, padding=1)  # (N, C_in*9, P)
+        gw = torch.einsum("ncp,nkp->pck", g.flatten(2), cols)
+        return gw.reshape(lc.weight.shape)
+
+    wanted = [expected(g) for g in grads]
+    lc(x).backward(grads[0])
+    held = lc.weight.grad
+    lc.weight.grad = None
+    lc(x).backward(grads[1])  # `held` is still referenced: a fresh array
+    assert lc.weight.grad.data_ptr() != held.data_ptr()
+    torch.testing.assert_close(held, wanted[0], **F64)
+    torch.testing.assert_close(lc.weight.grad, wanted[1], **F64)
+    first = lc.weight.grad.data_ptr()
+    lc.weight.grad = None
+    lc(x).backward(grads[2])  # nothing holds the previous one: its pages are reused
+    assert lc.weight.grad.data_ptr() == first
+    torch.testing.assert_close(lc.weight.grad, wanted[2], **F64)
+    # accumulation into a held gradient still adds
+    lc(x).backward(grads[0])
+    torch.testing.assert_close(lc.weight.grad, wanted[2] + wanted[0], **F64)
