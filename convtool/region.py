@@ -473,9 +473,9 @@ def _apply_mask(values: Tensor, keep: Tensor, fill: float) -> Tensor:
     about 20x faster than `masked_fill_` or `torch.where` with a broadcast mask (one thread, an
     `(8, 64, 128, 128)` output: 2 ms against 40 ms, which at 50% density decided whether the
     'full' fallback met its target), but it is exact only on finite values (`inf * 0` is NaN): a
-    non-finite sum sends the call to `masked_fill_`.
+    non-finite sum (or fill) sends the call to `masked_fill_`.
     """
-    if not bool(torch.isfinite(values.detach().sum())):
+    if not math.isfinite(fill) or not bool(torch.isfinite(values.detach().sum())):
         return values.masked_fill_(~keep, fill)
     values.mul_(keep.to(values.dtype))
     if fill != 0:
