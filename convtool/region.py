@@ -445,35 +445,53 @@ class RegionConv(nn.Module):
         self.last_method = method
         if method == "full":
             full = self.layer(x)
-            drop = ~(m if not shared else m[None])
-            # In place (the conv's backward does not need its output): no second output tensor.
-            return full.masked_fill_(drop[:, None], fill)
+            return _apply_mask(full, (m if not shared else m[None])[:, None], fill)
         if method == "tiles":
             assert tiles is not None
             return _tiled(spec, x, tiles, shared, weight, bias, fill, out)
         return _gather_gemm(spec, x, m, shared, weight, bias, fill, out)
 
 
-# Cost model of 'auto', in units of the full conv's time, fitted on benchmarks/region.py
-# (Conv2d 3x3, 3->64 and 64->64, 128^2 and 256^2, N = 1 and 8, one thread): the gather path
-# costs about GATHER_COST x the selected fraction (im2col's 9x reads per position for a 3x3
-# kernel), the tile path TILE_COST x the fraction of positions its tiles cover (halo included),
-# each plus a fixed part (index arithmetic, writing the whole filled output). Both per-position
-# costs grow, relative to the conv, when the conv does little work per output value
-# (C_in/groups * taps multiply-adds): a 3->64 conv is bound by writing its output, which the
-# region paths cannot skip either. OUTPUT_MACS is that write in multiply-add equivalents.
-GATHER_COST, GATHER_FIXED = 5.0, 0.02
-TILE_COST, TILE_FIXED = 1.3, 0.05
-OUTPUT_MACS = 150.0
+# Cost model of 'auto', in units of the full conv's time, refitted on benchmarks/region.py
+# (Conv2d 3x3, 3->64 and 64->64, 128^2, N = 1 and 8, one thread, shared 2-core machine): the
+# gather path costs about GATHER_COST x the selected fraction (im2col's 9x reads per position
+# for a 3x3 kernel), the tile path TILE_COST x the fraction of positions its tiles cover (halo
+# included). Both pay a fixed part: writing the whole filled output, which every path pays and
+# which is a large share of a conv that does little work per output value (C_in/groups * taps
+# multiply-adds): about 40% of a 3->64 conv, 3% of a 64->64 one. OUTPUT_MACS is that write in
+# multiply-add equivalents; 'full' pays it twice (the conv's output, then the masking pass).
+GATHER_COST, GATHER_FIXED = 4.5, 0.02
+TILE_COST, TILE_FIXED = 1.6, 0.04
+OUTPUT_MACS = 18.0
+FULL_MASK = 0.35
+
+
+def _apply_mask(values: Tensor, keep: Tensor, fill: float) -> Tensor:
+    """`values` where `keep` (broadcast over it) is True, `fill` elsewhere, in place.
+
+    In place because a conv's backward does not need its output. A multiply by the mask runs
+    about 20x faster than `masked_fill_` or `torch.where` with a broadcast mask (one thread, an
+    `(8, 64, 128, 128)` output: 2 ms against 40 ms, which at 50% density decided whether the
+    'full' fallback met its target), but it is exact only on finite values (`inf * 0` is NaN): a
+    non-finite sum (or fill) sends the call to `masked_fill_`.
+    """
+    if not math.isfinite(fill) or not bool(torch.isfinite(values.detach().sum())):
+        return values.masked_fill_(~keep, fill)
+    values.mul_(keep.to(values.dtype))
+    if fill != 0:
+        values.add_((~keep).to(values.dtype) * fill)
+    return values
 
 
 def _choose(spec: ConvSpec, mask: Tensor, tiles: _Tiles | None) -> str:
     density = float(mask.sum()) / max(1, mask.numel())
     work = spec.in_channels // spec.groups * math.prod(spec.kernel_size)
-    scale = 1.0 + OUTPUT_MACS / work
-    costs = {"full": 1.0, "gather": GATHER_COST * scale * density + GATHER_FIXED}
+    write = OUTPUT_MACS / (OUTPUT_MACS + work)  # the output write's share of the conv's time
+    costs = {"full": 1.0 + FULL_MASK * write, "gather": GATHER_COST * density + write}
+    costs["gather"] += GATHER_FIXED
     if tiles is not None:
-        costs["tiles"] = TILE_COST * scale * tiles.coverage + TILE_FIXED
+        # The tiles' own output (halo-free but tile-shaped) is a second write per position.
+        costs["tiles"] = TILE_COST * (1 + 4 * write) * tiles.coverage + write + TILE_FIXED
     return min(costs, key=lambda k: costs[k])
 
 
@@ -595,7 +613,7 @@ def _tiled(
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[ndim]
     # Back to (T, C_out, *tile) order: the scatter below then copies whole tile rows.
     vals = conv(patches, weight, bias, spec.stride, 0, spec.dilation, spec.groups).contiguous()
-    vals = torch.where(inside[:, None].to(x.device), vals, vals.new_full((), fill))
+    vals = _apply_mask(vals, inside[:, None].to(x.device), fill)
     full_sp = [c * t for c, t in zip(counts, size, strict=True)]
     result = x.new_full((n, spec.out_channels, *full_sp), fill)
     split: list[int] = [n, spec.out_channels]
@@ -659,9 +677,16 @@ def _gather_gemm(
         if valid is not None:
             scale = valid.view(n, count, taps).transpose(1, 2).reshape(n, 1, taps, count)
     cols = torch.gather(x.reshape(n, c_in, p_in), 2, index.to(dev))
-    cols = cols.view(n, c_in, taps, count)
     if scale is not None:
-        cols = cols * scale.to(device=dev, dtype=x.dtype)
+        # Zero only the taps on zero padding (border positions), in place (gather's backward
+        # does not need its output): a multiply by the tap mask was a whole extra pass over
+        # `cols`, about a third of this path's time, and turned a clamped read of inf into NaN.
+        off = (~scale.reshape(scale.shape[0], -1)).nonzero()
+        if shared:
+            cols.index_fill_(2, off[:, 1].to(dev), 0.0)
+        else:
+            cols[off[:, 0].to(dev), :, off[:, 1].to(dev)] = 0.0
+    cols = cols.view(n, c_in, taps, count)
     w = row_weight(spec, weight).view(g, cout_g, cin_g * taps)
     vals = torch.matmul(w, cols.view(n, g, cin_g * taps, count))
     vals = vals.reshape(n, spec.out_channels, count)

@@ -218,6 +218,24 @@ def test_numpy_mask_empty_and_full_regions() -> None:
     torch.testing.assert_close(RegionConv(layer)(x[0], full), layer(x)[0])  # unbatched
 
 
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+@pytest.mark.parametrize("fill", [0.0, 2.5, math.nan, -math.inf])
+def test_non_finite_values_outside_the_region_do_not_leak(bad: float, fill: float) -> None:
+    # The masking multiply of the 'full' and 'tiles' paths would turn inf * 0 into NaN.
+    layer = nn.Conv2d(2, 3, 3, padding=1)
+    x = torch.randn(2, 2, 16, 16)
+    x[:, :, 13, 13] = bad  # read only by outputs 12..14 of each axis
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[1:9, 1:9] = True  # tiles cover 0..7 and 8..15: the second one reads the bad value
+    for data in (x, torch.randn(2, 2, 16, 16)):  # also all finite: only the fill is not
+        y = F.conv2d(data, layer.weight, layer.bias, padding=1)
+        for method in ("full", "tiles", "gather"):
+            z = RegionConv(layer, method=method)(data, mask, fill=fill)
+            torch.testing.assert_close(z[:, :, mask], y[:, :, mask])
+            rest = z[:, :, ~mask]
+            assert bool((rest.isnan() if math.isnan(fill) else rest == fill).all()), method
+
+
 def test_default_density_threshold_switches_path_exactly() -> None:
     layer = nn.Conv2d(4, 6, 3, padding=1, padding_mode="circular")
     x = torch.randn(2, 4, 12, 12)
