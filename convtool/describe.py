@@ -25,9 +25,9 @@ from convtool.inventory import (
     layer_sample,
     padded_sample,
 )
-from convtool.io.source import Source
 from convtool.matrices import MatrixInfo
 from convtool.models import ConversionReport, trace_source
+from convtool.source import Source
 
 __all__ = [
     "ConvertResult",

@@ -18,8 +18,8 @@ from torch import nn
 
 from convtool.errors import ConvtoolError
 from convtool.io.checkpoints import detect_format, import_model
-from convtool.io.source import ConvFlags, SourceOptions, load_source
 from convtool.models import capture, trace_source
+from convtool.source import ConvFlags, SourceOptions, load_source
 from convtool.spec import ConvSpec, is_conv
 from tests import models_for_tests as mt
 

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
+from convtool import __version__
 from convtool.cli import options as opt
 from convtool.cli.app import app
 from convtool.cli.convert_onnx import ONNX_SUFFIXES, check_request, convert_onnx_output
@@ -18,12 +19,12 @@ from convtool.describe import ConvertResult
 from convtool.errors import ConvtoolError
 from convtool.forms import ModelTarget
 from convtool.io import model_files as mfiles
-from convtool.io.source import Source, check_finite
 from convtool.io.writers import atomic_outputs, check_target
 from convtool.models import convert_with_report, export_converted, stored_size
 from convtool.render.common import emit_json
 from convtool.render.convert import render_convert
 from convtool.resources import check_disk
+from convtool.source import Source, check_finite
 from convtool.spec import build_conv
 
 ToOpt = Annotated[
@@ -252,7 +253,7 @@ def _onnx_output(**kw: Any) -> None:
         if src.kind == "torchscript":  # the ONNX exporter takes programs, not scripts
             import torch
 
-            from convtool.io.checkpoints import export_mirror, script_to_program
+            from convtool.programs import export_mirror, script_to_program
 
             x = torch.zeros(example)
             model = export_mirror(script_to_program(model, x))[0]
@@ -314,7 +315,7 @@ def _convert(
         with atomic_outputs([output], force=force, inputs=inputs) as temps:
             mfiles.write_program(temps[0], program)
     else:
-        meta = mfiles.metadata(report.to_dict(), source.name, src.kind)
+        meta = mfiles.metadata(report.to_dict(), source.name, src.kind, version=__version__)
         with atomic_outputs([output], force=force, inputs=inputs) as temps:
             mfiles.write_state_dict(temps[0], converted.state_dict(), meta)
     return ConvertResult(

@@ -16,9 +16,9 @@ from convtool.errors import ConvtoolError
 from convtool.forms import Target
 from convtool.inventory import ConvLayer
 from convtool.inventory import select as select_layers
-from convtool.io.source import Source
 from convtool.render.common import emit_json
 from convtool.render.verify import render_verify_report
+from convtool.source import Source
 from convtool.verification import (
     FormCheck,
     form_names,
