@@ -25,7 +25,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "convtool"
-SERVICE = {"convtool.describe", "convtool.matrix_output", "convtool.source", "convtool.converted"}
+SERVICE = {
+    "convtool.model_output",
+    "convtool.describe",
+    "convtool.matrix_output",
+    "convtool.source",
+    "convtool.converted",
+}
 ERRORS = "convtool.errors"
 
 ALLOWED_LAYERS = {
