@@ -8,7 +8,11 @@
   weights, so hooks, shape capture and conversion work as for an eager model. A
   reflect/replicate/circular pad feeding a conv (which is how `nn.Conv*d` computes those modes)
   is folded back into the module. Input shapes come from the graph's fake tensors
-  (`node.meta['val']`); nothing is run.
+  (`node.meta['val']`); nothing is run. Conv calls are named as :mod:`convtool.inventory` names
+  an eager model's: a conv module's own call by its path ('stem'), any other call
+  'owner.F.conv2d#0' from the node's `nn_module_stack` (the module whose forward made it). A
+  graph without that metadata, or a module class that is not imported (so whether it is a conv
+  cannot be told without running code), keeps the older names ('body_0_filters_conv', 'head').
 
 The readers that produce these objects from files live in :mod:`convtool.io.checkpoints`;
 :mod:`convtool.source` puts the two together.
@@ -17,6 +21,7 @@ The readers that produce these objects from files live in :mod:`convtool.io.chec
 from __future__ import annotations
 
 import contextlib
+import sys
 import types
 from pathlib import Path
 from typing import Any
@@ -246,6 +251,91 @@ def _module_name(gm: nn.Module, weight_target: str, used: set[str]) -> tuple[str
     return name, False
 
 
+def _stack_owner(node: Any) -> tuple[str, str, str] | None:
+    """(key, module path, type name) of the innermost module whose forward made `node`'s call,
+    from torch.export's `nn_module_stack` metadata; None when the graph does not record it."""
+    stack = node.meta.get("nn_module_stack") if hasattr(node, "meta") else None
+    if not stack:
+        return None
+    key, value = list(stack.items())[-1]
+    try:
+        path, kind = value[0], value[1]
+    except (TypeError, IndexError):
+        return None
+    if not isinstance(path, str):
+        return None
+    kind = kind if isinstance(kind, str) else f"{kind.__module__}.{kind.__qualname__}"
+    return str(key), path, kind
+
+
+def _is_conv_type(kind: str) -> bool | None:
+    """Whether the class named `kind` ('torch.nn.modules.conv.Conv2d') is a conv module; None
+    when it is not importable without running code (only already-imported modules are read)."""
+    module_name, _, qualname = kind.rpartition(".")
+    obj: Any = sys.modules.get(module_name)
+    for part in qualname.split(".") if obj is not None else ():
+        obj = getattr(obj, part, None)
+    if not isinstance(obj, type):
+        return None
+    return issubclass(obj, tuple(CONV_TYPES))
+
+
+def _functional_name(
+    gm: nn.Module, owner: str, function: str, index: int, used: set[str]
+) -> str | None:
+    """`owner.F.conv2d#0`, the name :mod:`convtool.inventory` gives a functional call, when the
+    mirror can hold a module at that path (the owner exists and has no other `F`)."""
+    try:
+        parent = gm.get_submodule(owner) if owner else gm
+    except AttributeError:
+        return None
+    holder = getattr(parent, "F", None)
+    if holder is None:
+        holder = _Calls()
+        parent.add_module("F", holder)
+    elif not isinstance(holder, _Calls):
+        return None
+    leaf = f"{function}#{index}"
+    name = f"{owner}.F.{leaf}" if owner else f"F.{leaf}"
+    return None if hasattr(holder, leaf) or name in used else name
+
+
+class _Calls(nn.Module):
+    """The `F` holder of a mirror's functional-call convs (`owner.F.conv2d#0`)."""
+
+
+def _call_name(
+    gm: nn.Module,
+    node: Any,
+    op: str,
+    weight_target: str,
+    used: set[str],
+    counters: dict[tuple[str, str], int],
+) -> tuple[str, bool]:
+    """(name, replace_owner) of a conv call, named as :mod:`convtool.inventory` names calls.
+
+    A conv module calling with its own weight is named after the module (which the new conv
+    replaces); any other call is `owner.F.function#index`, `owner` being the innermost module
+    of the node's `nn_module_stack`, counted per function within that module's forward. Where
+    the graph records no stack (or the path cannot hold a module), the fallback is
+    :func:`_module_name`.
+    """
+    found = _stack_owner(node)
+    if found is None:
+        return _module_name(gm, weight_target, used)
+    key, owner, kind = found
+    base, _, leaf = weight_target.rpartition(".")
+    if owner == base and leaf == "weight" and _is_conv_type(kind) is not False:
+        name, replace = _module_name(gm, weight_target, used)
+        if replace:
+            return name, True
+    function = op.split("::")[-1].lstrip("_")
+    index = counters.get((key, function), 0)
+    counters[(key, function)] = index + 1
+    called = _functional_name(gm, owner, function, index, used)
+    return (called, False) if called is not None else _module_name(gm, weight_target, used)
+
+
 def _fixed_mode(self: nn.Module, mode: bool = False) -> nn.Module:
     return self
 
@@ -258,6 +348,7 @@ def export_mirror(program: Any) -> tuple[Any, list[ConvLayer], list[str]]:
     layers: list[ConvLayer] = []
     notes: list[str] = []
     used: set[str] = set()
+    counters: dict[tuple[str, str], int] = {}
     for node in list(graph.nodes):
         op = _op_name(node)
         if op not in _ATEN_CONVS:
@@ -279,7 +370,7 @@ def export_mirror(program: Any) -> tuple[Any, list[ConvLayer], list[str]]:
         folded = _fold_pad(source_node, spec)
         if folded is not None:
             source_node, spec = folded
-        name, replace_owner = _module_name(gm, weight_node.target, used)
+        name, replace_owner = _call_name(gm, node, op, weight_node.target, used, counters)
         used.add(name)
         conv: Any = build_conv(spec, weight, bias)
         if replace_owner:
