@@ -9,7 +9,8 @@ and render/; this script adds what ruff cannot say per package:
     core     the math and the library API (spec, sizes, matrices, layers, convert, models, params,
              verification, ...): never imports io, cli or render
     io       convtool/io: bytes in and out; imports only errors (and other io modules)
-    service  describe, matrix_output: assemble results from io and the core for the commands
+    service  describe, matrix_output, model_output, source, converted: assemble results from
+             io and the core for the commands (the only place io and the core meet)
     render   rich tables / JSON from result objects: never cli or io
     cli      parse -> call -> render -> exit code: may import anything
 
