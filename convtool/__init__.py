@@ -17,6 +17,7 @@ Importing convtool does not import typer or rich (only the CLI does).
 
 from convtool.compare import Comparison, Tolerance, compare
 from convtool.convert import to_fully_connected, to_locally_connected
+from convtool.converted import load_converted
 from convtool.errors import ConvtoolError
 from convtool.forms import Form, ModelTarget, Target
 from convtool.layers import (
@@ -26,7 +27,7 @@ from convtool.layers import (
     LocallyConnected3d,
 )
 from convtool.matrices import bias_vector, toeplitz, toeplitz_from_weight
-from convtool.models import FunctionalConvWarning, convert_model, load_converted
+from convtool.models import FunctionalConvWarning, convert_model
 from convtool.operators import ConvOperator, Spectrum, linear_operator, spectrum
 from convtool.params import LayerCounts, ParamReport, Totals, count_params
 from convtool.region import RegionConv, channel_sum_conv, region_rows

@@ -13,7 +13,7 @@ shape it was exported with, so it needs none.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,9 +25,10 @@ from convtool.inventory import (
     layer_sample,
     padded_sample,
 )
-from convtool.io.source import Source
+from convtool.inventory import select as select_layers
 from convtool.matrices import MatrixInfo
 from convtool.models import ConversionReport, trace_source
+from convtool.source import Source
 
 __all__ = [
     "ConvertResult",
@@ -35,9 +36,11 @@ __all__ = [
     "LayerInfo",
     "ShapePlan",
     "ToeplitzResult",
+    "chosen_layers",
     "count_shapes",
     "inspect_source",
     "layer_input_shape",
+    "layers_with_shapes",
     "pick_layer",
     "resolve_shapes",
 ]
@@ -126,6 +129,49 @@ def layer_input_shape(
         f"one-sample input with layer_input_shape={_example(layer)}",
         params=("input_shape", "layer_input_shape"),
     )
+
+
+def chosen_layers(src: Source, layer: str | None, layers: str | None) -> list[ConvLayer]:
+    """The layers a multi-layer command works on: `layer='NAME'` alone, else those matching the
+    `layers` globs (all when None), in the source's order."""
+    if layer is not None:
+        return [src.select(layer)]
+    names = set(select_layers([c.name for c in src.layers], layers))
+    return [c for c in src.layers if c.name in names]
+
+
+def layers_with_shapes(
+    src: Source,
+    chosen: Sequence[ConvLayer],
+    input_shape: Sequence[int] | None,
+    explain: Callable[[ConvtoolError], str] = str,
+) -> tuple[list[tuple[ConvLayer, tuple[int, ...]]], list[str]]:
+    """Each layer with its one-sample input shape `(C_in, *spatial)`, and notes.
+
+    A conv the model calls on several shapes comes once per shape; a model's conv whose shape
+    is unknown (the example input does not call it) is left out with a note, which `explain`
+    words from the error (the CLI spells parameters as flags). Raises when nothing is left.
+    """
+    pairs: list[tuple[ConvLayer, tuple[int, ...]]] = []
+    notes: list[str] = []
+    cap = resolve_shapes(src, input_shape) if src.is_model else None
+    for conv in chosen:
+        if cap is not None and conv.name in cap.conflicts:
+            shapes = cap.conflicts[conv.name]
+            seen = ", ".join(",".join(map(str, s)) for s in shapes)
+            notes.append(f"{conv.name!r} is called on {len(shapes)} input shapes ({seen}): each "
+                         f"is checked; end to end it stays a conv")  # fmt: skip
+            pairs.extend((conv, tuple(s)) for s in shapes)
+            continue
+        try:
+            pairs.append((conv, layer_input_shape(src, conv, input_shape)))
+        except ConvtoolError as exc:
+            if not src.is_model or len(chosen) == 1:
+                raise
+            notes.append(f"not checked: {explain(exc)}")
+    if not pairs:
+        raise ConvtoolError(f"no conv layer could be checked: {'; '.join(notes)}")
+    return pairs, notes
 
 
 @dataclass

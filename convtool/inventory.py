@@ -811,7 +811,7 @@ def _capture_script(
     model: nn.Module, x: Tensor, forward_kwargs: Mapping[str, Any] | None
 ) -> Inventory:
     """TorchScript takes no hooks: the dispatcher's convolutions, matched by weight storage."""
-    from convtool.io.checkpoints import script_layers
+    from convtool.programs import script_layers
 
     inv = Inventory(example_shape=tuple(x.shape))
     layers = {

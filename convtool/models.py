@@ -54,7 +54,7 @@ __all__ = [
     "convert_with_report",
     "example_tensor",
     "export_converted",
-    "load_converted",
+    "rebuild_converted",
     "select_layers",
     "stored_size",
 ]
@@ -481,21 +481,18 @@ def convert_model(
 
 
 # ---------------------------------------------------------------------------------- reloading
-def load_converted(model: nn.Module, path: str | Path) -> nn.Module:
-    """Rebuild a converted model saved as a state_dict (.pt / .safetensors by `convtool convert`).
+def rebuild_converted(
+    model: nn.Module, state: Mapping[str, Tensor], meta: Mapping[str, Any], path: str | Path
+) -> nn.Module:
+    """The converted model described by a converted state_dict and its metadata.
 
-    `model` is the *original* architecture (its weights do not matter); each call listed in the
-    file's metadata gets its LC/FC form at the recorded input shape and spec (nothing is run),
-    then the converted weights are loaded strictly. `model` itself is left untouched.
-
-    Example::
-
-        model = load_converted(make_model(), "digits_lc.safetensors")
+    `model` is the *original* architecture (its weights do not matter); each call listed in
+    `meta` gets its LC/FC form at the recorded input shape and spec (nothing is run), then
+    `state` is loaded strictly. `model` itself is left untouched. `path` names the file in
+    messages. Reading the file is :func:`convtool.converted.load_converted`'s job.
     """
     from convtool.convert import to_fully_connected, to_locally_connected
-    from convtool.io.model_files import read_converted
 
-    state, meta = read_converted(Path(path))
     to, sparse = meta["to"], bool(meta.get("sparse", False))
     root = copy.deepcopy(model)
     forms: dict[str, nn.Module] = {}
@@ -556,7 +553,7 @@ def trace_source(
     source, so tracing twice for one shape costs nothing.
 
     Args:
-        source: a :class:`convtool.io.source.Source` with a model.
+        source: a :class:`convtool.source.Source` with a model.
         example_shape: the full example input `(N, C, *spatial)`.
         forward_kwargs: further keyword arguments of the model's forward (default: the
             source's own `forward_kwargs`).
@@ -709,7 +706,7 @@ def export_converted(
     `forward_kwargs` are fixed into the program, which takes the input tensor only and runs
     without convtool.
     """
-    from convtool.io.checkpoints import quiet
+    from convtool.programs import quiet
 
     x = example_tensor(model, example_input)
     model = _Bound(model, forward_kwargs or {})  # one tensor argument: a dynamic batch dim

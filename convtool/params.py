@@ -266,7 +266,7 @@ def layer_counts(
 
 # ---------------------------------------------------------------------------- many layers
 class ConvLike(Protocol):
-    """What :func:`count_layers` needs of a layer (`convtool.io.source.ConvLayer` fits)."""
+    """What :func:`count_layers` needs of a layer (`convtool.source.ConvLayer` fits)."""
 
     @property
     def name(self) -> str: ...

@@ -370,7 +370,7 @@ def check_layer(
     """Every form of one conv layer against a float64 reference of the layer (module docstring).
 
     Args:
-        layer: a :class:`~convtool.io.source.ConvLayer` or an `nn.Conv*d`/`nn.ConvTranspose*d`.
+        layer: a :class:`~convtool.source.ConvLayer` or an `nn.Conv*d`/`nn.ConvTranspose*d`.
         input_shape: one sample `(C_in, *spatial)` (a leading batch dim is accepted).
         to: 'toeplitz', 'lc', 'fc' or 'all'.
         dtype: float32 or float64; weights and inputs are cast to it.
@@ -1151,7 +1151,7 @@ def verify(
 
     Args:
         target: a conv layer (`nn.Conv*d`, `nn.ConvTranspose*d`, a
-            :class:`~convtool.io.source.ConvLayer`) or any model containing convs.
+            :class:`~convtool.source.ConvLayer`) or any model containing convs.
         input_shape: for a conv, one sample `(C_in, *spatial)` (a leading batch is accepted);
             for a model, the full example input including batch, e.g. `(1, 3, 32, 32)`.
         to: 'toeplitz', 'lc', 'fc' or 'all' (default).

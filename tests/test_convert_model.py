@@ -17,17 +17,17 @@ import pytest
 import torch
 from torch import nn
 
+from convtool.converted import load_converted
 from convtool.errors import ConvtoolError
 from convtool.io import model_files
-from convtool.io.source import SourceOptions, load_source
 from convtool.models import (
     FunctionalConvWarning,
     convert_model,
     convert_with_report,
     export_converted,
-    load_converted,
     select_layers,
 )
+from convtool.source import SourceOptions, load_source
 from convtool.spec import is_conv
 from tests import models_for_tests as mt
 
@@ -135,7 +135,7 @@ def test_bad_arguments() -> None:
 # ---------------------------------------------------------------------------------- files
 def _save_state(path: Path, model: nn.Module, to: str, sparse: bool) -> None:
     converted, report = convert_with_report(model, mt.MIXED_INPUT, to=to, sparse=sparse)
-    meta = model_files.metadata(report.to_dict(), "test", "state_dict")
+    meta = model_files.metadata(report.to_dict(), "test", "state_dict", version="test")
     model_files.write_state_dict(path, converted.state_dict(), meta)
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from convtool.cli import app
-from convtool.models import load_converted
+from convtool.converted import load_converted
 from tests import models_for_tests as mt
 
 REPO = Path(__file__).resolve().parent.parent

@@ -21,10 +21,10 @@ import convtool
 from convtool import describe, forms, matrix_output, resources
 from convtool.errors import ConvtoolError
 from convtool.io import checkpoints, matrix_files, writers
-from convtool.io.source import ConvFlags, SourceOptions, check_finite, load_source
 from convtool.matrices import matrix_info
 from convtool.models import convert_with_report, select_layers
 from convtool.params import count_layers
+from convtool.source import ConvFlags, SourceOptions, check_finite, load_source
 from convtool.spec import ConvSpec
 from tests.golden_models import make_long_names
 
@@ -65,7 +65,7 @@ def _nonfinite() -> None:
     conv = nn.Conv2d(1, 1, 1)
     with torch.no_grad():
         conv.weight[0] = float("nan")
-    src = convtool.io.source.module_layers(conv)  # type: ignore[attr-defined]
+    src = convtool.source.module_layers(conv)  # type: ignore[attr-defined]
     check_finite(src[0])
 
 

@@ -18,8 +18,8 @@ from torch import nn
 
 from convtool.errors import ConvtoolError
 from convtool.io.checkpoints import detect_format, import_model
-from convtool.io.source import ConvFlags, SourceOptions, load_source
 from convtool.models import capture, trace_source
+from convtool.source import ConvFlags, SourceOptions, load_source
 from convtool.spec import ConvSpec, is_conv
 from tests import models_for_tests as mt
 
@@ -236,11 +236,12 @@ def test_export_with_functional_conv_and_transposed(tmp_path: Path) -> None:
     path = tmp_path / "f.pt2"
     torch.export.save(torch.export.export(model, (torch.zeros(1, 3, 8, 8),)), str(path))
     src = load_source(path, opts())
-    # in a graph every conv call is a layer, the functional one too
+    # in a graph every conv call is a layer, the functional one too, named as in eager models
     assert [(c.name, c.input_shape) for c in src.layers] == [
         ("conv", (3, 8, 8)),
-        ("kernel_conv", (4, 8, 8)),
+        ("F.conv2d#0", (4, 8, 8)),
     ]
+    assert [c.name for c in src.layers] == [c.name for c in capture(model, (1, 3, 8, 8)).layers]
     assert src.layers[1].spec == ConvSpec.from_weight((2, 4, 3, 3), stride=2)
     model_t = mt.make_transposed()
     torch.export.save(

@@ -279,14 +279,14 @@ def test_selector_is_one_for_every_command() -> None:
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_converted_functional_and_subclass_calls_reload(tmp_path: Path, suffix: str) -> None:
+    from convtool.converted import load_converted
     from convtool.io import model_files
-    from convtool.models import load_converted
 
     for make, shape in ((Filterbank, (1, 1, 64)), (SubclassNet, (1, 12))):
         model = _seeded(make(), 8)
         converted, report = convert_with_report(model, shape, to="fc", sparse=True)
         path = tmp_path / f"{make.__name__}{suffix}"
-        meta = model_files.metadata(report.to_dict(), "test", "state_dict")
+        meta = model_files.metadata(report.to_dict(), "test", "state_dict", version="test")
         model_files.write_state_dict(path, converted.state_dict(), meta)
         rebuilt = load_converted(make(), path)  # fresh weights: everything comes from the file
         x = torch.randn(5, *shape[1:])

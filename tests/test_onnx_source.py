@@ -20,8 +20,8 @@ from typer.testing import CliRunner
 from convtool.cli import app
 from convtool.errors import ConvtoolError
 from convtool.inventory import layer_bias_vector, layer_matrix, layer_output_shape
-from convtool.io.source import SourceOptions, load_source
 from convtool.models import trace_source
+from convtool.source import SourceOptions, load_source
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

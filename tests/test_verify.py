@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 import convtool.verification as cv
 from convtool import ConvtoolError
-from convtool.io.source import ConvLayer
 from convtool.matrices import bias_vector, toeplitz
+from convtool.source import ConvLayer
 from convtool.spec import ConvSpec
 from convtool.verification import compare, verify
 from tests.verify_models import EXAMPLE_SHAPE, make_model

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import time
 import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from convtool import __version__
 from convtool.cli import options as opt
 from convtool.cli.app import app
 from convtool.cli.convert_onnx import ONNX_SUFFIXES, check_request, convert_onnx_output
@@ -18,13 +18,11 @@ from convtool.describe import ConvertResult
 from convtool.errors import ConvtoolError
 from convtool.forms import ModelTarget
 from convtool.io import model_files as mfiles
-from convtool.io.source import Source, check_finite
-from convtool.io.writers import atomic_outputs, check_target
-from convtool.models import convert_with_report, export_converted, stored_size
+from convtool.io.writers import check_target
+from convtool.model_output import model_and_input, write_converted
 from convtool.render.common import emit_json
 from convtool.render.convert import render_convert
-from convtool.resources import check_disk
-from convtool.spec import build_conv
+from convtool.source import Source, check_finite
 
 ToOpt = Annotated[
     ModelTarget,
@@ -80,28 +78,8 @@ InputBoundsOpt = Annotated[
 
 
 def _model_and_input(src: Source, input_shape: str | None) -> tuple[Any, tuple[int, ...]]:
-    """The module to convert and its full example input shape."""
-    if src.kind == "kernel":
-        layer = src.layers[0]
-        if input_shape is None:
-            dims = ",".join(["32"] * layer.spec.ndim)
-            raise ConvtoolError(
-                f"--input-shape is required: one sample of the kernel's input, e.g. "
-                f"{layer.spec.in_channels},{dims}"
-            )
-        shape = opt.parse_shape(input_shape)
-        sample = layer.spec.checked_sample(shape)
-        return build_conv(layer.spec, layer.weight, layer.bias), (
-            shape if len(shape) == len(sample) + 1 else (1, *sample)
-        )
-    if input_shape is not None:
-        return src.model, opt.parse_shape(input_shape)
-    if src.example_shape is not None:
-        return src.model, src.example_shape
-    raise ConvtoolError(
-        "--input-shape is required: the model's full example input, batch included, e.g. "
-        "1,3,224,224"
-    )
+    """:func:`convtool.model_output.model_and_input` with the option's text."""
+    return model_and_input(src, None if input_shape is None else opt.parse_shape(input_shape))
 
 
 @app.command("convert", no_args_is_help=True)
@@ -252,7 +230,7 @@ def _onnx_output(**kw: Any) -> None:
         if src.kind == "torchscript":  # the ONNX exporter takes programs, not scripts
             import torch
 
-            from convtool.io.checkpoints import export_mirror, script_to_program
+            from convtool.programs import export_mirror, script_to_program
 
             x = torch.zeros(example)
             model = export_mirror(script_to_program(model, x))[0]
@@ -289,40 +267,27 @@ def _convert(
     memory_limit: int | None,
     quiet: bool,
 ) -> ConvertResult:
-    """Convert, warn about what was left, write atomically; the result."""
-    source = src.path
-    started = time.perf_counter()
-    with progress(len(src.layers), f"converting to {target}", not quiet) as advance:
-        converted, report = convert_with_report(
-            module,
-            example,
-            to=target,
-            sparse=sparse,
-            layers=layers,
-            memory_limit=memory_limit,
-            advance=advance,
-            inplace=True,  # the loaded model is ours: no second copy of its weights
-            forward_kwargs=src.forward_kwargs,
-        )
-    for line in report.warnings():
-        typer.echo(f"convtool: warning: {cli_text(line)}", err=True)
-    if not report.layers:
-        raise ConvtoolError(f"no conv layer of {str(source)!r} could be converted; nothing written")
-    check_disk(output, stored_size(converted)[1], "the converted model", "convert fewer layers")
-    if fmt == "export":
-        program = export_converted(converted, example, src.forward_kwargs)
-        with atomic_outputs([output], force=force, inputs=inputs) as temps:
-            mfiles.write_program(temps[0], program)
-    else:
-        meta = mfiles.metadata(report.to_dict(), source.name, src.kind)
-        with atomic_outputs([output], force=force, inputs=inputs) as temps:
-            mfiles.write_state_dict(temps[0], converted.state_dict(), meta)
-    return ConvertResult(
-        report=report,
-        source=str(source),
-        source_kind=src.kind,
-        output=str(output),
-        format=fmt,
-        bytes_written=output.stat().st_size,
-        seconds=time.perf_counter() - started,
-    )
+    """:func:`convtool.model_output.write_converted` with a progress bar; its warnings go to
+    stderr once the bar is gone (and before any error it raises)."""
+    warned: list[str] = []
+    try:
+        with progress(len(src.layers), f"converting to {target}", not quiet) as advance:
+            return write_converted(
+                src,
+                module,
+                example,
+                to=target,
+                sparse=sparse,
+                layers=layers,
+                output=output,
+                fmt=fmt,
+                force=force,
+                inputs=inputs,
+                memory_limit=memory_limit,
+                version=__version__,
+                advance=advance,
+                warn=warned.append,
+            )
+    finally:
+        for line in warned:
+            typer.echo(f"convtool: warning: {cli_text(line)}", err=True)

@@ -15,10 +15,10 @@ from convtool.cli.flags import cli_text
 from convtool.cli.shapes import layer_input_shape
 from convtool.describe import count_shapes
 from convtool.errors import ConvtoolError
-from convtool.io.source import Source, check_finite
 from convtool.params import count_layers, region_form_counts
 from convtool.render.common import emit_json, human_bytes, human_count, stdout
 from convtool.render.params import render_report, report_csv, report_json
+from convtool.source import Source, check_finite
 
 LayersOpt = Annotated[
     str | None,

@@ -9,9 +9,9 @@ from convtool.cli import shapes as sh
 from convtool.cli.app import app
 from convtool.describe import inspect_source
 from convtool.errors import ConvtoolError
-from convtool.io.source import check_finite
 from convtool.render.common import emit_json
 from convtool.render.inspect import render_inspect
+from convtool.source import check_finite
 
 
 @app.command("inspect", no_args_is_help=True)

@@ -13,8 +13,8 @@ import typer
 from torch import Tensor
 
 from convtool.errors import ConvtoolError
-from convtool.io.source import ConvFlags, Source, SourceOptions, load_source
 from convtool.resources import parse_size
+from convtool.source import ConvFlags, Source, SourceOptions, load_source
 
 KERNEL_PANEL = "Kernel flags (SOURCE is a raw kernel file)"
 MODEL_PANEL = "Checkpoint (SOURCE is a model file)"

@@ -8,7 +8,7 @@ from convtool.describe import layer_input_shape as _layer_input_shape
 from convtool.describe import pick_layer as _pick_layer
 from convtool.describe import resolve_shapes as _resolve_shapes
 from convtool.inventory import ConvLayer, Inventory
-from convtool.io.source import Source
+from convtool.source import Source
 
 Capture = Inventory  # the name earlier releases used
 

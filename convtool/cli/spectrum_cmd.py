@@ -12,11 +12,11 @@ from convtool.cli.app import app
 from convtool.cli.progress import progress
 from convtool.cli.shapes import layer_input_shape
 from convtool.errors import ConvtoolError
-from convtool.io.source import ConvLayer, Source, check_finite
 from convtool.io.writers import atomic_outputs, check_target
 from convtool.models import select_layers
 from convtool.operators import METHODS, SpectrumReport, layer_spectrum
 from convtool.render.spectrum import render_spectrum, spectrum_json
+from convtool.source import ConvLayer, Source, check_finite
 
 LayersOpt = Annotated[
     str | None,

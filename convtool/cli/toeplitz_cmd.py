@@ -17,12 +17,12 @@ from convtool.describe import ToeplitzResult
 from convtool.errors import ConvtoolError
 from convtool.inventory import layer_info
 from convtool.io import matrix_files as mf
-from convtool.io.source import check_finite
 from convtool.io.writers import atomic_outputs, check_target
 from convtool.matrix_output import check_budget, targets, write_matrix, write_region
 from convtool.region import region_counts
 from convtool.render.common import emit_json
 from convtool.render.toeplitz import render_matrix_summary
+from convtool.source import check_finite
 
 
 @app.command("toeplitz", no_args_is_help=True)

@@ -11,14 +11,12 @@ from convtool.cli import shapes as sh
 from convtool.cli.app import EXIT_MISMATCH, EXIT_OK, app
 from convtool.cli.flags import cli_message
 from convtool.cli.progress import progress
-from convtool.cli.shapes import layer_input_shape, resolve_shapes
+from convtool.describe import chosen_layers, layers_with_shapes
 from convtool.errors import ConvtoolError
 from convtool.forms import Target
-from convtool.inventory import ConvLayer
-from convtool.inventory import select as select_layers
-from convtool.io.source import Source
 from convtool.render.common import emit_json
 from convtool.render.verify import render_verify_report
+from convtool.source import Source
 from convtool.verification import (
     FormCheck,
     form_names,
@@ -82,41 +80,6 @@ LayersOpt = Annotated[
         "end, e.g. 'features.*,conv1'. Default: all.",
     ),
 ]
-
-
-def _chosen(src: Source, layer: str | None, layers: str | None) -> list[ConvLayer]:
-    if layer is not None:
-        return [src.select(layer)]
-    names = set(select_layers([c.name for c in src.layers], layers))
-    return [c for c in src.layers if c.name in names]
-
-
-def _with_shapes(
-    src: Source, chosen: list[ConvLayer], input_shape: str | None
-) -> tuple[list[tuple[ConvLayer, tuple[int, ...]]], list[str]]:
-    """Each layer with its one-sample input shape (a conv the model calls on several shapes,
-    once per shape); a model's convs that the example input does not call are left out with a
-    note."""
-    pairs: list[tuple[ConvLayer, tuple[int, ...]]] = []
-    notes: list[str] = []
-    cap = resolve_shapes(src, input_shape) if src.is_model else None
-    for conv in chosen:
-        if cap is not None and conv.name in cap.conflicts:
-            shapes = cap.conflicts[conv.name]
-            seen = ", ".join(",".join(map(str, s)) for s in shapes)
-            notes.append(f"{conv.name!r} is called on {len(shapes)} input shapes ({seen}): each "
-                         f"is checked; end to end it stays a conv")  # fmt: skip
-            pairs.extend((conv, tuple(s)) for s in shapes)
-            continue
-        try:
-            pairs.append((conv, layer_input_shape(src, conv, input_shape)))
-        except ConvtoolError as exc:
-            if not src.is_model or len(chosen) == 1:
-                raise
-            notes.append(f"not checked: {cli_message(exc)}")
-    if not pairs:
-        raise ConvtoolError(f"no conv layer could be checked: {'; '.join(notes)}")
-    return pairs, notes
 
 
 def _example_shape(src: Source, input_shape: str | None) -> tuple[int, ...] | None:
@@ -194,8 +157,9 @@ def verify_command(
     else:
         if src.is_model and input_shape is not None:
             sh.resolve_shapes(src, input_shape)
-        chosen = _chosen(src, layer, layers)
-        pairs, notes = _with_shapes(src, chosen, input_shape)
+        chosen = chosen_layers(src, layer, layers)
+        shape = None if input_shape is None else opt.parse_shape(input_shape)
+        pairs, notes = layers_with_shapes(src, chosen, shape, cli_message)
         example = _example_shape(src, input_shape) if src.model is not None else None
     if src.kind == "onnx":
         from convtool.onnx_check import verify_onnx_layers

@@ -9,7 +9,7 @@
   `KEY.__values__` (COO) and rebuilt in their original layout.
 
 The metadata lists each converted layer and its input shape, which is all
-:func:`convtool.models.load_converted` needs to rebuild the converted model from the original
+:func:`convtool.converted.load_converted` needs to rebuild the converted model from the original
 architecture.
 """
 
@@ -48,14 +48,18 @@ def model_format(path: Path) -> str:
     return fmt
 
 
-def metadata(report: Mapping[str, Any], source: str, source_kind: str) -> dict[str, Any]:
-    """What a converted state_dict needs to be rebuilt (from a conversion report's dict)."""
-    from convtool import __version__
+def metadata(
+    report: Mapping[str, Any], source: str, source_kind: str, *, version: str
+) -> dict[str, Any]:
+    """What a converted state_dict needs to be rebuilt (from a conversion report's dict).
 
+    `version` is the writing convtool's version (the caller's `convtool.__version__`: io does
+    not import the package it serves).
+    """
     return {
         "format": FORMAT_TAG,
         "version": 2,
-        "convtool_version": __version__,
+        "convtool_version": version,
         "source": source,
         "source_kind": source_kind,
         "to": report["to"],

@@ -3,7 +3,16 @@
 A source is a raw kernel file plus conv flags, or a checkpoint: a state_dict (.pt/.pth/
 .safetensors) with `--model MODULE:CALLABLE`, a TorchScript archive, a torch.export program
 (.pt2), or a pickled module (only with `--allow-pickle`). Every subcommand goes through
-:func:`load_source`; the checkpoint loaders live in :mod:`convtool.io.checkpoints`.
+:func:`load_source`.
+
+This is the one place where the file readers (:mod:`convtool.io`) meet the core that interprets
+what they return (:mod:`convtool.inventory` for eager modules, :mod:`convtool.programs` for
+TorchScript and torch.export, :mod:`convtool.onnx_graph` for ONNX). Model sources:
+
+- state_dict / pickle: the eager model; conv layers are its `nn.Conv*` modules, named by module
+  path as in `model.named_modules()` ('features.0').
+- export (.pt2): the program's mirror (:func:`convtool.programs.export_mirror`).
+- TorchScript: the `RecursiveScriptModule`, layers read from its attributes.
 """
 
 from __future__ import annotations
@@ -19,7 +28,9 @@ from torch import Tensor, nn
 from convtool.dtypes import COMPUTE_DTYPES, compute_dtype
 from convtool.errors import ConvtoolError
 from convtool.inventory import ConvLayer, module_layers
+from convtool.io import checkpoints as ck
 from convtool.io.tensors import check_readable, read_tensors, tensors_from_object
+from convtool.programs import export_mirror, script_layers
 from convtool.spec import ConvSpec
 
 __all__ = ["ConvFlags", "ConvLayer", "Source", "SourceOptions", "load_source", "module_layers"]
@@ -224,8 +235,6 @@ def load_source(path: Path, options: SourceOptions) -> Source:
     state_dict for that architecture; a file holding a pickled module is loaded only with
     `allow_pickle`; anything else is a kernel file.
     """
-    from convtool.io import checkpoints as ck
-
     check_readable(path)
     suffix = path.suffix.lower()
     if suffix == ".onnx":
@@ -256,15 +265,17 @@ def load_source(path: Path, options: SourceOptions) -> Source:
             params=("model",),
         )
     if fmt == "export":
-        return _checked(ck.load_export(path, allow_pickle=options.allow_pickle), options)
+        return _checked(load_export(path, allow_pickle=options.allow_pickle), options)
     if fmt == "torchscript":
-        return _checked(ck.load_torchscript(path, allow_pickle=options.allow_pickle), options)
+        return _checked(load_torchscript(path, allow_pickle=options.allow_pickle), options)
     if options.model is not None:
-        return _checked(ck.load_state_dict_source(path, options, fmt), options)
+        return _checked(load_state_dict_source(path, options, fmt), options)
     if fmt == "torch":
-        loaded = ck.load_torch_file(path, options)
-        if isinstance(loaded, Source):
-            return _checked(loaded, options)
+        loaded = ck.read_torch_object(path, allow_pickle=options.allow_pickle)
+        if isinstance(loaded, torch.jit.ScriptModule):
+            return _checked(script_source(path, loaded), options)
+        if isinstance(loaded, nn.Module):
+            return _checked(eager_source(path, loaded, "pickle"), options)
         return load_kernel(path, options, tensors_from_object(loaded, path))
     return load_kernel(path, options)
 
@@ -322,3 +333,58 @@ def check_finite(layer: ConvLayer) -> None:
                 f"pass allow_nonfinite=True",
                 params=("allow_nonfinite",),
             )
+
+
+def eager_source(path: Path, model: nn.Module, kind: str) -> Source:
+    """A source for an eager model (state_dict + architecture, or an unpickled module)."""
+    model.eval()
+    return Source(path, kind, module_layers(model), model=model)
+
+
+def load_state_dict_source(path: Path, options: SourceOptions, fmt: str) -> Source:
+    """A state_dict (.pt/.pth/.safetensors/.npz) loaded into `model`'s architecture."""
+    assert options.model is not None
+    contents = ck.read_state_dict(path, fmt, allow_pickle=options.allow_pickle)
+    if isinstance(contents, Tensor):
+        raise ConvtoolError(
+            f"{str(path)!r} holds a single tensor, not a state_dict; drop `model` to use it as a "
+            f"kernel",
+            params=("model",),
+        )
+    model = ck.import_model(options.model, options.model_kwargs)
+    ck.fit_state_dict(model, contents, path, options.model)
+    return eager_source(path, model, "state_dict")
+
+
+def load_torchscript(path: Path, *, allow_pickle: bool = False) -> Source:
+    """A TorchScript archive (`torch.jit.save`); see :mod:`convtool.io.checkpoints`."""
+    return script_source(path, ck.read_torchscript(path, allow_pickle=allow_pickle))
+
+
+def script_source(path: Path, model: torch.jit.ScriptModule) -> Source:
+    """A source for a scripted model."""
+    model.eval()
+    return Source(path, "torchscript", script_layers(model, path), model=model)
+
+
+def load_export(path: Path, *, allow_pickle: bool = False) -> Source:
+    """A torch.export program (`torch.export.save`, .pt2), loaded without unpickling anything
+    beyond `weights_only=True` unless `allow_pickle` (see :mod:`convtool.io.export_archive`)."""
+    return program_source(path, ck.load_program(path, allow_pickle=allow_pickle), "export")
+
+
+def program_source(path: Path, program: Any, kind: str) -> Source:
+    """A source whose model is the mirror of an ExportedProgram (see module docstring)."""
+    mirror, layers, notes = export_mirror(program)
+    source = Source(path, kind, layers, model=mirror, notes=notes, program=program)
+    shapes = [
+        tuple(n.meta["val"].shape)
+        for n in program.graph.nodes
+        if n.op == "placeholder"
+        and n.name in program.graph_signature.user_inputs
+        and isinstance(n.meta.get("val"), Tensor)
+    ]
+    if len(shapes) == 1:
+        source.example_shape = shapes[0]
+        source.traced_shape = shapes[0]
+    return source
