@@ -561,7 +561,7 @@ class FullyConnected(nn.Module):
     the key `weight`) because torch.export cannot take a sparse tensor as program state. Under
     torch.export / `torch.onnx.export` / TorchScript tracing the forward computes the same
     product from dense COO views of `T` (gather the input at the column indices, multiply by
-    the values, `index_add` per row), which export to standard ops and to `.pt2`. The views
+    the values, `scatter_add` per row), which export to standard ops and to `.pt2`. The views
     share `T`'s storage; only CSR needs its row indices expanded (one int64 per non-zero).
 
     Args:
@@ -735,7 +735,10 @@ class FullyConnected(nn.Module):
             start = flat.new_zeros(n, self.out_features)
             if self.bias is not None:
                 start = start + self.bias
-            y = start.index_add(1, rows, taps)
+            # scatter_add, not index_add: the TorchScript-based ONNX exporter writes index_add
+            # as a plain ScatterND (duplicate rows overwrite); scatter_add becomes
+            # ScatterElements(reduction="add") in both exporters
+            y = start.scatter_add(1, rows.expand(n, -1), taps)
         elif self.sparse:
             # (out, in) @ (in, N); the transposed operand is what the sparse kernels prefer.
             y = torch.sparse.mm(self.weight, flat.t()).t()

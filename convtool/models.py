@@ -601,7 +601,7 @@ def trace_source(
 def _sparse_holder(model: nn.Module) -> str | None:
     """The name of a module other than FullyConnected that holds a sparse tensor, if any.
 
-    FullyConnected exports its sparse product itself (as gathers and `index_add`); any other
+    FullyConnected exports its sparse product itself (as gathers and `scatter_add`); any other
     sparse parameter or buffer cannot be program state, so it is refused before tracing.
     """
     for name, module in model.named_modules():
@@ -631,7 +631,7 @@ def export_converted(
     """A torch.export program of a converted model with a dynamic batch dimension, checked
     against the model at the example's batch size and at another one.
 
-    Sparse FullyConnected layers export their own product (gathers and `index_add`).
+    Sparse FullyConnected layers export their own product (gathers and `scatter_add`).
     `forward_kwargs` are fixed into the program, which takes the input tensor only and runs
     without convtool.
     """
