@@ -562,7 +562,7 @@ class FullyConnected(nn.Module):
     torch.export / `torch.onnx.export` / TorchScript tracing the forward computes the same
     product from dense COO views of `T` (gather the input at the column indices, multiply by
     the values, `scatter_add` per row), which export to standard ops and to `.pt2`. The views
-    share `T`'s storage; only CSR needs its row indices expanded (one int64 per non-zero).
+    share `T`'s storage; only CSR needs its row indices expanded (one int32 per non-zero).
 
     Args:
         in_shape: one input sample, e.g. `(C_in, H, W)`; `in_features = prod(in_shape)`.
@@ -660,10 +660,19 @@ class FullyConnected(nn.Module):
         if t.layout == torch.sparse_coo:
             index = t.indices()
             rows, cols = index[0], index[1]
-        else:  # CSR has no per-entry row index: the one extra int64 per non-zero
-            rows = torch._convert_indices_from_csr_to_coo(
-                t.crow_indices(), t.col_indices(), out_int32=False
-            )[0]
+        else:  # CSR has no per-entry row index: the one extra array
+            # int32 when it fits: 4 bytes per non-zero; the export path widens it in the graph
+            crow = t.crow_indices()
+            small = self.out_features < 2**31
+            rows = torch.repeat_interleave(
+                torch.arange(
+                    self.out_features,
+                    device=crow.device,
+                    dtype=torch.int32 if small else torch.int64,
+                ),
+                crow.diff(),
+                output_size=t.values().numel(),
+            )
             cols = t.col_indices()
         # non-persistent buffers that alias T's storage without being views of T (export
         # would otherwise follow the view to the sparse base)
@@ -738,7 +747,7 @@ class FullyConnected(nn.Module):
             # scatter_add, not index_add: the TorchScript-based ONNX exporter writes index_add
             # as a plain ScatterND (duplicate rows overwrite); scatter_add becomes
             # ScatterElements(reduction="add") in both exporters
-            y = start.scatter_add(1, rows.expand(n, -1), taps)
+            y = start.scatter_add(1, rows.long().expand(n, -1), taps)
         elif self.sparse:
             # (out, in) @ (in, N); the transposed operand is what the sparse kernels prefer.
             y = torch.sparse.mm(self.weight, flat.t()).t()
