@@ -580,6 +580,11 @@ class FullyConnected(nn.Module):
         ConvtoolError: if the shapes do not match, or for an input of the wrong shape or dtype.
     """
 
+    # sparse form only: COO views of T for the exportable forward (see _set_sparse)
+    _rows: Tensor
+    _cols: Tensor
+    _values: Tensor
+
     def __init__(
         self,
         in_shape: Sequence[int],
