@@ -72,8 +72,6 @@ def dynamic_batch_mirror(
         if not all(isinstance(t, Tensor) and t.dim() > 0 for t in [leaf, *pieces]):
             return None
         expected = torch.cat(pieces)
-        if leaf.shape != expected.shape or not torch.allclose(
-            leaf, expected, rtol=1e-5, atol=1e-6
-        ):
+        if leaf.shape != expected.shape or not torch.allclose(leaf, expected, rtol=1e-5, atol=1e-6):
             return None
     return mirror
