@@ -691,6 +691,12 @@ class FullyConnected(nn.Module):
                 self._set_sparse(fn(self._sparse_box[0]))
         return self
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        box = self.__dict__.get("_sparse_box")
+        if box:  # copy.deepcopy copied the buffers on their own: re-alias them
+            self._set_sparse(box[0])
+
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self._sparse_box:

@@ -170,3 +170,17 @@ def test_torchscript_onnx_exporter_sums_duplicate_rows(tmp_path: Path) -> None:
         x = torch.randn(n, 2, 6, 6)
         with torch.no_grad():
             close(ort_run(proto, x), conv(x))
+
+
+def test_deepcopy_keeps_the_coo_buffers_aliased() -> None:
+    import copy
+
+    conv = nn.Conv1d(2, 3, 3)
+    fc = to_fully_connected(conv, (2, 7), sparse=True, layout="coo")
+    twin = copy.deepcopy(fc)
+    assert twin._values.data_ptr() == twin.weight.values().data_ptr()
+    assert twin._values.data_ptr() != fc._values.data_ptr()
+    x = torch.randn(2, 2, 7)
+    program = torch.export.export(twin, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), conv(x))
