@@ -596,6 +596,23 @@ class LocallyConnected3d(_LocallyConnectedNd):
 # Fully-connected
 
 
+def _alias(v: Tensor) -> Tensor:
+    """A tensor on `v`'s storage that is not a view of `v` (no `_base`)."""
+    out = torch.empty(0, dtype=v.dtype, device=v.device)
+    with torch.no_grad():
+        return out.set_(v.untyped_storage(), v.storage_offset(), v.size(), v.stride())
+
+
+def _exporting() -> bool:
+    """True under torch.export / torch.compile, `torch.onnx.export` or TorchScript tracing."""
+    return bool(
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+        or torch.compiler.is_exporting()
+    )
+
+
 class FullyConnected(nn.Module):
     """`y = T x + b` on one flattened sample, reshaped back: a conv as a matrix.
 
@@ -604,8 +621,13 @@ class FullyConnected(nn.Module):
     CSR) is a *buffer* `weight`: its pattern and values are fixed, gradients flow to the input
     and the bias only (train the dense form, or an LC layer, to learn `T`). CSR multiplies much
     faster than COO on CPU. A `state_dict` loads into a module built with the same arguments.
-    `torch.export.export` handles both forms; `torch.export.save` cannot serialise the sparse
-    buffer (PyTorch 2.13), so a sparse layer must be swapped for a dense-index equivalent first.
+
+    Sparse `T` is kept out of `_buffers` (it still goes through `.to()` and `state_dict` under
+    the key `weight`) because torch.export cannot take a sparse tensor as program state. Under
+    torch.export / `torch.onnx.export` / TorchScript tracing the forward computes the same
+    product from dense COO views of `T` (gather the input at the column indices, multiply by
+    the values, `scatter_add` per row), which export to standard ops and to `.pt2`. The views
+    share `T`'s storage; only CSR needs its row indices expanded (one int32 per non-zero).
 
     Args:
         in_shape: one input sample, e.g. `(C_in, H, W)`; `in_features = prod(in_shape)`.
@@ -622,6 +644,11 @@ class FullyConnected(nn.Module):
     Raises:
         ConvtoolError: if the shapes do not match, or for an input of the wrong shape or dtype.
     """
+
+    # sparse form only: COO views of T for the exportable forward (see _set_sparse)
+    _rows: Tensor
+    _cols: Tensor
+    _values: Tensor
 
     def __init__(
         self,
@@ -649,14 +676,15 @@ class FullyConnected(nn.Module):
             raise ConvtoolError(
                 f"matrix layout must be strided, sparse_coo or sparse_csr, got {matrix.layout}"
             )
-        self.weight: Tensor
+        # a list hides sparse T from torch.export, which lifts every tensor attribute
+        self._sparse_box: list[Tensor] = []
         if self.sparse:
             t = matrix.detach()
             if t.layout == torch.sparse_coo:
                 t = t.coalesce()
             elif copy:
                 t = t.clone()
-            self.register_buffer("weight", t)
+            self._set_sparse(t)
         else:
             self.weight = nn.Parameter(matrix.detach().clone() if copy else matrix.detach())
         self.bias: nn.Parameter | None
@@ -670,6 +698,113 @@ class FullyConnected(nn.Module):
             self.bias = nn.Parameter(bias.detach().to(matrix.dtype).clone())
 
     @property
+    def weight(self) -> Tensor:
+        """`T`, `(out_features, in_features)`: the dense parameter or the sparse tensor."""
+        if self._sparse_box:
+            return self._sparse_box[0]
+        try:
+            return self._parameters["weight"]  # type: ignore[return-value]
+        except KeyError:  # before __init__ registers it: lets register_parameter proceed
+            raise AttributeError("weight") from None
+
+    @weight.setter
+    def weight(self, value: Tensor) -> None:
+        if isinstance(value, nn.Parameter) or not self.sparse:
+            self.register_parameter("weight", value)  # type: ignore[arg-type]
+        else:
+            self._set_sparse(value)
+
+    def _set_sparse(self, t: Tensor) -> None:
+        """Hold sparse `t` as `T` and derive the COO views the exportable forward reads."""
+        if t.layout not in _SPARSE_LAYOUTS or tuple(t.shape) != (
+            self.out_features,
+            self.in_features,
+        ):
+            raise ConvtoolError(
+                f"a sparse FullyConnected needs a sparse ({self.out_features}, "
+                f"{self.in_features}) weight, got {t.layout} {_shape_str(t.shape)}"
+            )
+        if t.layout == torch.sparse_coo and not t.is_coalesced():
+            t = t.coalesce()
+        self._sparse_box = [t]
+        if t.layout == torch.sparse_coo:
+            index = t.indices()
+            rows, cols = index[0], index[1]
+        else:  # CSR has no per-entry row index: the one extra array
+            # int32 when it fits: 4 bytes per non-zero; the export path widens it in the graph
+            crow = t.crow_indices()
+            small = self.out_features < 2**31
+            rows = torch.repeat_interleave(
+                torch.arange(
+                    self.out_features,
+                    device=crow.device,
+                    dtype=torch.int32 if small else torch.int64,
+                ),
+                crow.diff(),
+                output_size=t.values().numel(),
+            )
+            cols = t.col_indices()
+        # non-persistent buffers that alias T's storage without being views of T (export
+        # would otherwise follow the view to the sparse base)
+        for name, v in (("_rows", rows), ("_cols", cols), ("_values", t.values())):
+            self.register_buffer(name, _alias(v), persistent=False)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> FullyConnected:
+        super()._apply(fn, recurse)
+        if self._sparse_box:  # the buffers were converted on their own: re-alias them
+            with torch.no_grad():
+                self._set_sparse(fn(self._sparse_box[0]))
+        return self
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        box = self.__dict__.get("_sparse_box")
+        if box:  # copy.deepcopy copied the buffers on their own: re-alias them
+            self._set_sparse(box[0])
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._sparse_box:
+            t = self._sparse_box[0]
+            destination[prefix + "weight"] = t if keep_vars else t.detach()
+            if prefix + "bias" in destination and hasattr(destination, "move_to_end"):
+                destination.move_to_end(prefix + "bias")
+
+    def _load_from_state_dict(
+        self,
+        state_dict: Any,
+        prefix: str,
+        local_metadata: Any,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if not self._sparse_box:
+            return
+        key = prefix + "weight"
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
+        if key not in state_dict:
+            if strict:
+                missing_keys.append(key)
+            return
+        value = state_dict[key]
+        own = self._sparse_box[0]
+        if not isinstance(value, Tensor) or value.layout != own.layout:
+            error_msgs.append(f"{key}: expected a {own.layout} tensor")
+        elif tuple(value.shape) != tuple(own.shape):
+            error_msgs.append(
+                f"size mismatch for {key}: copying a param with shape {tuple(value.shape)}, "
+                f"the shape in current model is {tuple(own.shape)}"
+            )
+        else:
+            self._set_sparse(value.detach().to(own.device, own.dtype).clone())
+
+    @property
     def layout(self) -> str:
         """'dense', 'coo' or 'csr'."""
         return {torch.sparse_coo: "coo", torch.sparse_csr: "csr"}.get(self.weight.layout, "dense")
@@ -678,7 +813,18 @@ class FullyConnected(nn.Module):
         """`(N, *in_shape)` or `in_shape` -> `(N, *out_shape)` or `out_shape`."""
         batched = _check_input(x, self.in_shape, self.weight.dtype, "FullyConnected")
         flat = x.reshape(-1, self.in_features)
-        if self.sparse:
+        if self.sparse and _exporting():
+            rows, cols, values = self._rows, self._cols, self._values
+            n = flat.shape[0]
+            taps = flat[:, cols] * values
+            start = flat.new_zeros(n, self.out_features)
+            if self.bias is not None:
+                start = start + self.bias
+            # scatter_add, not index_add: the TorchScript-based ONNX exporter writes index_add
+            # as a plain ScatterND (duplicate rows overwrite); scatter_add becomes
+            # ScatterElements(reduction="add") in both exporters
+            y = start.scatter_add(1, rows.long().expand(n, -1), taps)
+        elif self.sparse:
             # (out, in) @ (in, N); the transposed operand is what the sparse kernels prefer.
             y = torch.sparse.mm(self.weight, flat.t()).t()
             if self.bias is not None:

@@ -595,91 +595,17 @@ def trace_source(
 
 
 # ---------------------------------------------------------------------------------- export
-class SparseLinearMap(nn.Module):
-    """`y = T x + b` on flattened samples, with `T` held as COO index and value buffers.
+def _sparse_holder(model: nn.Module) -> str | None:
+    """The name of a module other than FullyConnected that holds a sparse tensor, if any.
 
-    torch.export does not take sparse tensors; this computes the same sparse product with
-    `index_add` so a sparse FC model can be written as a `.pt2` program.
-
-    Args:
-        matrix: sparse `T` of shape `(prod(out_shape), prod(in_shape))`.
-        bias: `(prod(out_shape),)`.
-        out_shape: one output sample's shape, e.g. `(C_out, H_out, W_out)`.
+    FullyConnected exports its sparse product itself (as gathers and `scatter_add`); any other
+    sparse parameter or buffer cannot be program state, so it is refused before tracing.
     """
-
-    def __init__(self, matrix: Tensor, bias: Tensor, out_shape: Sequence[int]) -> None:
-        super().__init__()
-        coo = matrix.detach().to_sparse_coo().coalesce()
-        self.register_buffer("rows", coo.indices()[0].clone())
-        self.register_buffer("cols", coo.indices()[1].clone())
-        self.register_buffer("values", coo.values().clone())
-        self.register_buffer("bias", bias.detach().reshape(-1).clone())
-        self.out_shape = tuple(int(s) for s in out_shape)
-
-    rows: Tensor
-    cols: Tensor
-    values: Tensor
-    bias: Tensor
-
-    def forward(self, x: Tensor) -> Tensor:
-        """`(N, *in_shape)` -> `(N, *out_shape)`."""
-        n = x.shape[0]
-        taps = x.reshape(n, -1)[:, self.cols] * self.values
-        y = self.bias.expand(n, -1).index_add(1, self.rows, taps)
-        return y.reshape(n, *self.out_shape)
-
-
-def _sparse_tensors(module: nn.Module) -> list[Tensor]:
-    own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
-    return [t for _, t in own if isinstance(t, Tensor) and t.layout != torch.strided]
-
-
-def _exportable(model: nn.Module, x: Tensor) -> nn.Module:
-    """`model` with every module that holds a sparse tensor swapped for a SparseLinearMap."""
-    holders = {id(m): n for n, m in model.named_modules() if _sparse_tensors(m)}
-    if not holders:
-        return model
-    seen: dict[int, tuple[Tensor, Tensor]] = {}
-
-    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if id(module) in holders and args and isinstance(args[0], Tensor):
-            seen.setdefault(id(module), (args[0][:1].clone(), output))
-
-    handles = [m.register_forward_hook(hook) for _, m in model.named_modules()]
-    try:
-        _run(model, x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    root = model
-    for name, module in list(model.named_modules()):
-        if id(module) not in holders:
-            continue
-        hint = "write .pt or .safetensors instead, or convert without sparse=True"
-        tensors = _sparse_tensors(module)
-        if (
-            id(module) not in seen
-            or len(tensors) != 1
-            or not isinstance(seen[id(module)][1], Tensor)
-        ):
-            raise ConvtoolError(
-                f"cannot export the sparse layer {name!r} to .pt2; {hint}", params=("sparse",)
-            )
-        sample, output = seen[id(module)]
-        with torch.no_grad():
-            bias = module(torch.zeros_like(sample)).reshape(-1)
-            swap = SparseLinearMap(tensors[0], bias, tuple(output.shape[1:]))
-            probe = torch.randn_like(sample)
-            expected = module(probe)
-            # the two sum the same products in another order: compare at the output's scale
-            scale = float(expected.abs().max()) if expected.numel() else 0.0
-            same = torch.allclose(swap(probe), expected, rtol=1e-5, atol=1e-5 * scale + 1e-6)
-        if tensors[0].dim() != 2 or not same:
-            raise ConvtoolError(
-                f"cannot export the sparse layer {name!r} to .pt2; {hint}", params=("sparse",)
-            )
-        root = _replace(root, module, swap)
-    return root
+    for name, module in model.named_modules():
+        own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        if any(isinstance(t, Tensor) and t.layout != torch.strided for _, t in own):
+            return name
+    return None
 
 
 class _Bound(nn.Module):
@@ -702,7 +628,7 @@ def export_converted(
     """A torch.export program of a converted model with a dynamic batch dimension, checked
     against the model at the example's batch size and at another one.
 
-    Modules holding sparse matrices are exported as :class:`SparseLinearMap` (same product).
+    Sparse FullyConnected layers export their own product (gathers and `scatter_add`).
     `forward_kwargs` are fixed into the program, which takes the input tensor only and runs
     without convtool.
     """
@@ -710,7 +636,14 @@ def export_converted(
 
     x = example_tensor(model, example_input)
     model = _Bound(model, forward_kwargs or {})  # one tensor argument: a dynamic batch dim
-    module = _exportable(model, x)
+    holder = _sparse_holder(model)
+    if holder is not None:
+        raise ConvtoolError(
+            f"cannot export the sparse tensor of {holder!r} to .pt2; write .pt or .safetensors "
+            "instead, or convert without sparse=True",
+            params=("sparse",),
+        )
+    module = model
     _set_training(module, False)
     dynamic = True
     try:

@@ -233,8 +233,10 @@ def _hook_shapes(model: nn.Module, shape: tuple[int, ...]) -> dict[str, tuple[in
 
 
 def _stored(module: nn.Module) -> int:
+    # a sparse T is state, not a buffer (FullyConnected keeps it out of torch.export's reach)
+    sparse = {id(t): t for t in module.state_dict(keep_vars=True).values()}
     return sum(p.numel() for p in module.parameters()) + sum(
-        b.values().numel() for b in module.buffers() if b.layout == torch.sparse_csr
+        t.values().numel() for t in sparse.values() if t.layout == torch.sparse_csr
     )
 
 

@@ -301,8 +301,13 @@ def test_fc_sparse_weight_is_a_frozen_buffer():
     conv = make_conv(2, 2, 3, 3)
     fc = to_fully_connected(conv, (2, 5, 5), sparse=True)
     assert [name for name, _ in fc.named_parameters()] == ["bias"]
-    assert [name for name, _ in fc.named_buffers()] == ["weight"]
+    # sparse T travels in the state_dict; the COO index buffers the exportable forward reads
+    # are non-persistent and alias T's storage (only CSR's row index is new memory)
+    assert list(fc.state_dict()) == ["weight", "bias"]
     assert fc.weight.layout == torch.sparse_csr
+    assert fc.state_dict()["weight"].layout == torch.sparse_csr
+    assert fc._values.data_ptr() == fc.weight.values().data_ptr()
+    assert fc._cols.data_ptr() == fc.weight.col_indices().data_ptr()
     assert fc.weight.values().numel() == 3 * 9 * 2 * 9  # positions x taps, no padding
 
 

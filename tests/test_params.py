@@ -159,7 +159,9 @@ def _stored(module: nn.Module) -> tuple[int, int]:
     """(entries, bytes) a module really holds: parameters, plus sparse buffers' stored values."""
     entries = sum(p.numel() for p in module.parameters())
     nbytes = sum(p.numel() * p.element_size() for p in module.parameters())
-    for b in module.buffers():
+    # a sparse T is state, not a buffer (FullyConnected keeps it out of torch.export's reach)
+    state = {id(t): t for t in module.state_dict(keep_vars=True).values()}
+    for b in state.values():
         if b.layout == torch.sparse_csr:
             entries += b.values().numel()
             nbytes += sum(

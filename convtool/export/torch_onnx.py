@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from convtool.errors import ConvtoolError
+from convtool.export.dynamic_batch import dynamic_batch_mirror, guard_free
 
 DEFAULT_OPSET = 18  # ScatterND reduction='add' needs 16; onnxruntime >= 1.14 runs 18
 
@@ -84,15 +85,27 @@ def export_onnx(
     x = torch.zeros((max(2, shape[0]), *shape[1:]), dtype=dtype)
     errors = []
     with _silenced(), torch.no_grad():
-        if not isinstance(model, nn.Module):
-            attempts: list[tuple[Any, Any]] = [(model, None)]
+        # (what to export, its example args, dynamic shapes)
+        attempts: list[tuple[Any, tuple[Any, ...], Any]]
+        free = guard_free(model) if isinstance(model, nn.Module) else None
+        if not isinstance(model, nn.Module):  # an ExportedProgram: as it is
+            attempts = [(model, (), None)]
+            free = model.module(check_guards=False)
+            reference = model.module()
+        elif free is not None:  # a .pt2 mirror: its guards fix the batch
+            attempts = [(model, (x[: shape[0]],), None)]
+            reference = model
         else:
-            attempts = [(x, ({0: torch.export.Dim("batch")},)), (x[: shape[0]], None)]
-        for example, dynamic in attempts:
+            attempts = [(model, (x,), ({0: torch.export.Dim("batch")},))]
+            attempts.append((model, (x[: shape[0]],), None))
+        if free is not None:  # a fixed-batch program: re-exported with a dynamic batch if exact
+            mirror = dynamic_batch_mirror(reference, free, shape)
+            if mirror is not None:
+                attempts.insert(0, (mirror, (), None))
+        for target, args, dynamic in attempts:
             try:
-                args = () if example is model else (example,)
                 program = torch.onnx.export(
-                    model,
+                    target,
                     args,
                     dynamo=True,
                     opset_version=opset,
