@@ -286,3 +286,17 @@ def test_bad_onnx_files(tmp_path: Path) -> None:
     evil.write_bytes(helper.make_model(graph).SerializeToString())
     with pytest.raises(ConvtoolError, match="outside its own folder"):
         load_source(evil, SourceOptions())
+
+
+def test_spectrum_leaves_out_a_node_with_asymmetric_pads(tmp_path: Path) -> None:
+    """Its matrix is the conv's times a padding map, whose singular values differ from the
+    conv's: it is named and left out, not reported as if it were one conv."""
+    from typer.testing import CliRunner
+
+    from convtool.cli import app
+
+    op, w_shape, x_shape, attrs = CASES["asymmetric_2d_dilated"]
+    path = _one_node(tmp_path, op, _f32(*w_shape), x_shape, **attrs)
+    result = CliRunner().invoke(app, ["spectrum", str(path), "--json"])
+    assert result.exit_code == 2, result.output
+    assert "asymmetric pads" in result.stderr and "Traceback" not in result.stderr

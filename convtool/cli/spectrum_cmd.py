@@ -117,6 +117,12 @@ def spectrum_command(
     for conv in chosen:
         if not allow_nonfinite:
             check_finite(conv)
+        if not conv.exact_spec:  # spectrum() takes one conv; this one pads or crops around it
+            notes.append(
+                f"left out: {conv.name!r} pads or crops unevenly around its conv (an ONNX node "
+                f"with asymmetric pads); its singular values are not those of one conv"
+            )
+            continue
         try:
             pairs.append((conv, layer_input_shape(src, conv, input_shape)))
         except ConvtoolError as exc:
@@ -124,7 +130,7 @@ def spectrum_command(
                 raise
             notes.append(f"left out: {exc}")
     if not pairs:
-        raise ConvtoolError(f"no conv layer has a known input shape: {'; '.join(notes)}")
+        raise ConvtoolError(f"no conv layer could be analysed: {'; '.join(notes)}")
     results = []
     with progress(len(pairs), "singular values", not json_out) as advance:
         for conv, shape in pairs:
