@@ -36,6 +36,7 @@ class Form(StrEnum):
     """One concrete representation of a conv layer."""
 
     CONV = "conv"
+    ONNX_NODE = "onnx_node"  # an ONNX node run alone by onnxruntime (an ONNX source's oracle)
     TOEPLITZ_DENSE = "toeplitz_dense"
     TOEPLITZ_SPARSE = "toeplitz_sparse"
     TOEPLITZ_SAMPLED = "toeplitz_sampled"  # chosen rows of T, when all of T is too big

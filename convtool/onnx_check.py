@@ -2,7 +2,7 @@
 
 The oracle is the node run alone by onnxruntime (a test extra; float32 only). Its attributes
 are also turned into torch's own conv (pre-pad, conv, crop: :func:`convtool.onnx_graph.
-reference_forward`), which is checked against onnxruntime first (form 'onnx-node'). Without
+reference_forward`), which is checked against onnxruntime first (form 'onnx_node'). Without
 onnxruntime that torch conv is the oracle, and the note says so. In float64 the forms are
 compared with the float64 torch conv (onnxruntime cannot run float64 convs), itself checked
 against onnxruntime in float32.
@@ -18,7 +18,9 @@ from torch import Tensor, nn
 
 from convtool.compare import compare, parse_dtype, resolve_tolerance
 from convtool.convert import to_locally_connected
+from convtool.forms import Form
 from convtool.inventory import ConvLayer, layer_bias_vector, layer_matrix, layer_output_shape
+from convtool.layers import FullyConnected
 from convtool.onnx_graph import reference_forward, run_node
 from convtool.spec import build_conv
 from convtool.verification import (
@@ -33,7 +35,7 @@ from convtool.verification import (
 
 __all__ = ["verify_onnx_layers"]
 
-FORMS = ("onnx-node", "toeplitz-dense", "toeplitz-sparse", "fc-dense", "lc")
+FORMS = (Form.ONNX_NODE, Form.TOEPLITZ_DENSE, Form.TOEPLITZ_SPARSE, Form.FC_DENSE, Form.LC)
 
 
 def _check(
@@ -122,7 +124,7 @@ def verify_onnx_layers(
             checks.append(
                 _check(
                     layer.name,
-                    "onnx-node",
+                    Form.ONNX_NODE,
                     node_out,
                     reference.float(),
                     f32.rtol,
@@ -148,33 +150,38 @@ def verify_onnx_layers(
             pre_pad=layer.pre_pad,
             post_crop=layer.post_crop,
         )
-        for form in ("toeplitz-dense", "toeplitz-sparse", "fc-dense"):
+
+        def judge(
+            form: str,
+            y: Tensor,
+            started: float,
+            layer: ConvLayer = layer,
+            oracle: Tensor = oracle,
+            sample: tuple[int, ...] = sample,
+            note: str = source_note,
+        ) -> FormCheck:
+            return _check(
+                layer.name, form, oracle, y, tol.rtol, tol.atol, tol.source, layer, sample,
+                labels, note, started,
+            )  # fmt: skip
+
+        for form in (Form.TOEPLITZ_DENSE, Form.TOEPLITZ_SPARSE):
             started = time.perf_counter()
-            t = layer_matrix(weighted, sample, sparse=form == "toeplitz-sparse")
+            t = layer_matrix(weighted, sample, sparse=form == Form.TOEPLITZ_SPARSE)
             y = (t @ flat.T).T if t.layout != torch.strided else flat @ t.T
-            y = (y + b).reshape(out_shape)
-            checks.append(
-                _check(
-                    layer.name,
-                    form,
-                    oracle,
-                    y,
-                    tol.rtol,
-                    tol.atol,
-                    tol.source,
-                    layer,
-                    sample,
-                    labels,
-                    source_note,
-                    started,
-                )
-            )
+            checks.append(judge(form, (y + b).reshape(out_shape), started))
+            if form == Form.TOEPLITZ_DENSE:  # the FC module holds this same T
+                started = time.perf_counter()
+                fc = FullyConnected(sample, out_shape[1:], t, b, copy=False)
+                with torch.no_grad():
+                    checks.append(judge(Form.FC_DENSE, fc(x), started))
+                del fc
         started = time.perf_counter()
         if layer.spec.transposed:
             checks.append(
                 FormCheck(
                     layer.name,
-                    "lc",
+                    Form.LC,
                     NOT_APPLICABLE,
                     layer=layer.spec.describe(),
                     input_shape=sample,
@@ -196,24 +203,9 @@ def verify_onnx_layers(
             lc = _PadThen(pads, lc)
         with torch.no_grad():
             y = lc(x)
-        checks.append(
-            _check(
-                layer.name,
-                "lc",
-                oracle,
-                y,
-                tol.rtol,
-                tol.atol,
-                tol.source,
-                layer,
-                sample,
-                labels,
-                source_note,
-                started,
-            )
-        )
+        checks.append(judge(Form.LC, y, started))
     notes.append(
-        "onnx-node: torch's conv built from each node's attributes against the node run alone by "
+        "onnx_node: torch's conv built from each node's attributes against the node run alone by "
         "onnxruntime (float32, tolerance from the float32 rounding bound); the other forms "
         + (
             "against onnxruntime's output"

@@ -257,8 +257,8 @@ def test_cli_walkthrough(exported: tuple[Path, Net], tmp_path: Path) -> None:
     assert r.exit_code == 0, r.stderr
     report = json.loads(r.stdout)
     forms = {(c["name"], c["form"]): c["status"] for c in report["layers"]}
-    assert forms[(name, "onnx-node")] == "passed"
-    assert forms[(name, "toeplitz-sparse")] == "passed"
+    assert forms[(name, "onnx_node")] == "passed"
+    assert forms[(name, "toeplitz_sparse")] == "passed"
     assert "failed" not in forms.values()
     # convert of an ONNX source writes ONNX: any other output is refused before work
     r = runner.invoke(app, ["convert", str(path), "--to", "lc", "-o", str(tmp_path / "c.pt2")])
