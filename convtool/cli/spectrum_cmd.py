@@ -11,12 +11,12 @@ from convtool.cli import options as opt
 from convtool.cli.app import app
 from convtool.cli.progress import progress
 from convtool.cli.shapes import layer_input_shape
+from convtool.describe import chosen_layers
 from convtool.errors import ConvtoolError
 from convtool.io.writers import atomic_outputs, check_target
-from convtool.models import select_layers
 from convtool.operators import METHODS, SpectrumReport, layer_spectrum
 from convtool.render.spectrum import render_spectrum, spectrum_json
-from convtool.source import ConvLayer, Source, check_finite
+from convtool.source import check_finite
 
 LayersOpt = Annotated[
     str | None,
@@ -44,13 +44,6 @@ PlotOpt = Annotated[
     Path | None,
     typer.Option("--plot", help="Write a PNG of each layer's singular values (needs matplotlib)."),
 ]
-
-
-def _chosen(src: Source, layer: str | None, layers: str | None) -> list[ConvLayer]:
-    if layer is not None:
-        return [src.select(layer)]
-    names = set(select_layers([c.name for c in src.layers], layers))
-    return [c for c in src.layers if c.name in names]
 
 
 @app.command("spectrum", no_args_is_help=True)
@@ -112,7 +105,7 @@ def spectrum_command(
         allow_pickle,
         opt.conv_flags(stride, padding, dilation, groups, padding_mode, transposed, output_padding),
     )
-    chosen = _chosen(src, layer, layers)
+    chosen = chosen_layers(src, layer, layers)
     pairs, notes = [], []
     for conv in chosen:
         if not allow_nonfinite:
