@@ -55,7 +55,6 @@ __all__ = [
     "example_tensor",
     "export_converted",
     "rebuild_converted",
-    "select_layers",
     "stored_size",
 ]
 
@@ -169,11 +168,6 @@ def stored_size(module: nn.Module) -> tuple[int, int]:
             entries += values.numel()
             nbytes += sizes.csr_bytes(values.numel(), t.shape[0], t.element_size())
     return entries, nbytes
-
-
-def select_layers(names: Sequence[str], pattern: str | Sequence[str] | None) -> list[str]:
-    """:func:`convtool.inventory.select` (kept under its earlier name)."""
-    return select(names, pattern)
 
 
 def _estimate_bytes(

@@ -19,13 +19,13 @@ from torch import nn
 
 from convtool.converted import load_converted
 from convtool.errors import ConvtoolError
+from convtool.inventory import select as select_layers
 from convtool.io import model_files
 from convtool.models import (
     FunctionalConvWarning,
     convert_model,
     convert_with_report,
     export_converted,
-    select_layers,
 )
 from convtool.source import SourceOptions, load_source
 from convtool.spec import is_conv

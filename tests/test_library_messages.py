@@ -20,9 +20,10 @@ from torch import nn
 import convtool
 from convtool import describe, forms, matrix_output, resources
 from convtool.errors import ConvtoolError
+from convtool.inventory import select as select_layers
 from convtool.io import checkpoints, matrix_files, writers
 from convtool.matrices import matrix_info
-from convtool.models import convert_with_report, select_layers
+from convtool.models import convert_with_report
 from convtool.params import count_layers
 from convtool.source import ConvFlags, SourceOptions, check_finite, load_source
 from convtool.spec import ConvSpec

@@ -213,7 +213,7 @@ def plan_convs(
         ConvtoolError: a conv that cannot be rewritten, `to='lc'` for a ConvTranspose, or forms
             that would not fit in memory or in one ONNX file.
     """
-    from convtool.models import select_layers
+    from convtool.inventory import select as select_layers
 
     if to not in ("lc", "fc"):
         raise ConvtoolError(f"to must be 'lc' or 'fc', got {to!r}")

@@ -31,7 +31,8 @@ def check_forms(
     memory_limit: int | None,
 ) -> None:
     """Refuse LC/FC forms that would not fit in memory, from a traced pass (no matrix built)."""
-    from convtool.models import _estimate_bytes, capture, select_layers
+    from convtool.inventory import select as select_layers
+    from convtool.models import _estimate_bytes, capture
 
     if isinstance(model, nn.Module) and not hasattr(model, "_c"):  # not TorchScript
         cap = capture(model, example_shape)
