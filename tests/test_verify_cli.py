@@ -218,7 +218,10 @@ def test_model_layers_as_kernel_files(
 
 # --------------------------------------------------------------- budget, strict, nothing compared
 def _last_line(r: Any) -> str:
-    return str(r.stdout.strip().splitlines()[-1])
+    """The final PASSED/FAILED line, joined back where the terminal width wrapped it."""
+    lines = r.stdout.strip().splitlines()
+    start = max(i for i, line in enumerate(lines) if line.startswith(("PASSED", "FAILED")))
+    return " ".join(line.strip() for line in lines[start:])
 
 
 def test_strict_turns_a_sampled_check_into_exit_1(tmp_path: Path) -> None:

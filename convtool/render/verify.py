@@ -160,12 +160,14 @@ def render_verify_report(
             console.print(
                 f"  {_label(check, repeated)}/{check.form}: {check.note}",
                 markup=False,
-                soft_wrap=True,
+                soft_wrap=False,
             )
     for check in report.end_to_end:
         if check.comparison is not None and check.comparison.bound_source:
             console.print(
-                f"  end to end bound: {check.comparison.bound_source}", markup=False, soft_wrap=True
+                f"  end to end bound: {check.comparison.bound_source}",
+                markup=False,
+                soft_wrap=False,
             )
             break
     ran = [c for c in report.end_to_end if c.comparison is not None]
@@ -175,10 +177,10 @@ def render_verify_report(
             f"  end to end: the whole model on inputs of shape {shape_str(check.input_shape)} "
             f"({check.output_shape[0]} output values each)",
             markup=False,
-            soft_wrap=True,
+            soft_wrap=False,
         )
     for note in report.notes:
-        console.print(f"  {note}", markup=False, soft_wrap=True)
+        console.print(f"  {note}", markup=False, soft_wrap=False)
     line = summary_line(report)
     style = "bold green" if report.passed else "bold red"
-    console.print(line, style=style, markup=False, highlight=False, soft_wrap=True)
+    console.print(line, style=style, markup=False, highlight=False, soft_wrap=False)
