@@ -96,13 +96,24 @@ def write_converted(
         advance=advance,
         inplace=True,  # the loaded model is ours: no second copy of its weights
         forward_kwargs=src.forward_kwargs,
+        # refused before any form is built when the estimated forms alone cannot fit on disk
+        before_build=lambda nbytes: check_disk(
+            output,
+            nbytes,
+            "the converted model",
+            "convert fewer layers with `layers`",
+            params=("layers",),
+        ),
     )
     for line in report.warnings():
         if warn is not None:
             warn(line)
     if not report.layers:
         raise ConvtoolError(f"no conv layer of {str(source)!r} could be converted; nothing written")
-    check_disk(output, stored_size(converted)[1], "the converted model", "convert fewer layers")
+    check_disk(
+        output, stored_size(converted)[1], "the converted model",
+        "convert fewer layers with `layers`", params=("layers",),
+    )  # fmt: skip
     if fmt == "export":
         program = export_converted(converted, example, src.forward_kwargs)
         with atomic_outputs([output], force=force, inputs=list(inputs)) as temps:

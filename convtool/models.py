@@ -267,6 +267,7 @@ def convert_with_report(
     advance: Callable[[int], None] | None = None,
     inplace: bool = False,
     forward_kwargs: Mapping[str, Any] | None = None,
+    before_build: Callable[[int], None] | None = None,
 ) -> tuple[nn.Module, ConversionReport]:
     """:func:`convert_model`, plus a report of every replaced call and what was left.
 
@@ -276,6 +277,8 @@ def convert_with_report(
         advance: called with 1 after each converted layer (a progress bar).
         inplace: convert `model` itself instead of a deep copy.
         forward_kwargs: further keyword arguments of the model's forward.
+        before_build: called with the estimated bytes of all the forms, after the memory check
+            and before anything is built (e.g. a disk check for the file they will fill).
     """
     from convtool.convert import to_fully_connected, to_locally_connected
     from convtool.dtypes import compute_dtype
@@ -340,6 +343,8 @@ def convert_with_report(
             params=("layers", "to", "sparse"),
             limit_param="memory_limit",
         )
+        if before_build is not None:
+            before_build(sum(p[2] for p in plan))
     forms: dict[str, nn.Module] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     for layer, shape, _ in plan:

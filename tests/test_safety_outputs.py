@@ -165,3 +165,24 @@ def test_read_only_output_folder(kernel: Path, command: str) -> None:
         )
         assert "not writable" in message
         assert list(locked.iterdir()) == []
+
+
+def test_convert_refuses_a_disk_too_small_before_building_any_form(
+    kernel: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    import convtool.convert as cv
+    import convtool.resources as resources
+
+    def built(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("a form was built before the disk check")
+
+    monkeypatch.setattr(cv, "to_locally_connected", built)
+    free = shutil.disk_usage(kernel.parent)._replace(free=10)
+    monkeypatch.setattr(resources.shutil, "disk_usage", lambda folder: free)
+    message = one_line_error(
+        run("convert", kernel, "-i", "1,2,8,8", "--to", "lc", "-o", kernel.parent / "o.pt")
+    )
+    assert "on disk" in message and "--layers" in message
+    assert listing(kernel.parent) == ["w.npy"]
