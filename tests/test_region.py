@@ -246,6 +246,49 @@ def test_default_density_threshold_switches_path_exactly() -> None:
         torch.testing.assert_close(rc(x, mask), torch.where(mask, y, 0.0))
 
 
+def test_reused_output_memory_never_shows() -> None:
+    # Outputs under 32 MiB reuse the previous output's memory once nothing refers to it: what a
+    # caller did to a dropped output must not show, and a held one (or a view of it) must not
+    # be written to.
+    layer = nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 10, 10)
+    y = layer(x).detach()
+    masks = [torch.rand(10, 10) < d for d in (0.1, 0.3, 0.5)]
+    for method in ("gather", "tiles"):
+        rc = RegionConv(layer, method=method)
+        with torch.no_grad():
+            first = rc(x, masks[0], fill=1.5)
+            first.add_(100.0)  # the caller's own in-place change, then dropped
+            del first
+            second = rc(x, masks[1], fill=1.5)
+            torch.testing.assert_close(second, torch.where(masks[1], y, 1.5))
+            view = second[1:]
+            del second
+            third = rc(x, masks[2], fill=1.5)
+        torch.testing.assert_close(view, torch.where(masks[1], y, 1.5)[1:])  # held: untouched
+        torch.testing.assert_close(third, torch.where(masks[2], y, 1.5))
+    # Gradients stay right over calls that reuse the memory.
+    rc = RegionConv(layer, method="gather")
+    xg = x.clone().requires_grad_()
+    for mask in masks:
+        (grad_x,) = torch.autograd.grad(rc(xg, mask).square().sum(), xg)
+        (want,) = torch.autograd.grad((layer(xg) * mask).square().sum(), xg)
+        torch.testing.assert_close(grad_x, want)
+
+
+@pytest.mark.parametrize("fill", [0.0, -0.0, 2.0])
+def test_large_outputs_zero_filled_by_the_system(fill: float) -> None:
+    # Outputs of 32 MiB and more come from calloc (zero pages) when the fill is +0.
+    layer = nn.Conv2d(1, 64, 3, padding=1)
+    x = torch.randn(1, 1, 256, 256)  # the output: 64 * 256^2 float64 = 32 MiB
+    mask = torch.rand(256, 256) < 0.01
+    with torch.no_grad():
+        z = RegionConv(layer, method="gather")(x, mask, fill=fill)
+        y = layer(x)
+    torch.testing.assert_close(z, torch.where(mask, y, fill), rtol=0, atol=0)
+    assert bool((torch.signbit(z[:, :, ~mask]) == (math.copysign(1.0, fill) < 0)).all())
+
+
 def test_box_parsing() -> None:
     mask = parse_box("1:3, 2:", (4, 5))
     expected = torch.zeros(4, 5, dtype=torch.bool)
