@@ -743,6 +743,8 @@ def _gather_gemm(
     taps = math.prod(spec.kernel_size)
     dev = x.device
     if shared:
+        return _gather_gemm_shared(spec, x, mask, weight, bias, fill, out, filled)
+    if shared:
         pos = mask.reshape(-1).nonzero().reshape(-1).cpu()
         count = pos.numel()
         flat, valid = _taps(spec, in_sp, out_sp, pos)
@@ -802,6 +804,95 @@ def _gather_gemm(
     flat_result = filled(x, (total + 1,), fill)
     flat_result.index_copy_(0, target.reshape(-1).to(dev), vals.reshape(-1))
     return flat_result[:total].view(n, *out)
+
+
+# Bytes of gathered windows handled at a time by the shared-mask gather path: they stay in
+# cache, and one buffer serves every chunk, instead of a fresh array nine times the region's
+# input (a 3x3 kernel) that is page-faulted in at every call.
+_CHUNK_BYTES = 1 << 21
+
+
+def _gather_gemm_shared(
+    spec: ConvSpec,
+    x: Tensor,
+    mask: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    fill: float,
+    out: tuple[int, ...],
+    filled: Callable[[Tensor, tuple[int, ...], float], Tensor],
+) -> Tensor:
+    """The gather path for a mask shared by the batch, a chunk of positions at a time.
+
+    Per chunk: `index_select` along the last axis of the `(N*C_in, P)` view (one index for all
+    rows, about 3x faster than `torch.gather` with a broadcast index), zero the taps on zero
+    padding, one matmul per channel group, add the bias, and `index_copy_` into the output's
+    `(N*C_out, P)` view. Without autograd the chunks reuse two buffers (`out=`); with it, each
+    chunk's tensors are its own (autograd keeps them for the backward).
+    """
+    n, c_in, c_out = x.shape[0], spec.in_channels, spec.out_channels
+    in_sp, out_sp = tuple(x.shape[2:]), out[1:]
+    p_in, p_out = math.prod(in_sp), math.prod(out_sp)
+    g = spec.groups
+    cin_g, cout_g = c_in // g, c_out // g
+    taps = math.prod(spec.kernel_size)
+    dev = x.device
+    pos = mask.reshape(-1).nonzero().reshape(-1).cpu()
+    count = pos.numel()
+    result = filled(x, (n, *out), fill)
+    if count == 0:
+        return result
+    flat, valid = _taps(spec, in_sp, out_sp, pos)
+    index = flat.t().contiguous().to(dev)  # (taps, count): tap-major, as the weight's columns
+    if valid is not None:
+        valid = valid.t().contiguous()
+    pos = pos.to(dev)
+    x2d = x.reshape(n * c_in, p_in)
+    rows = result.view(n * c_out, p_out)
+    w = row_weight(spec, weight).view(g, cout_g, cin_g * taps)
+    b = None if bias is None else bias.view(g, cout_g, 1)
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias)
+    )
+    step = max(1, _CHUNK_BYTES // (n * c_in * taps * x.element_size()))
+    step = min(step, count)
+    cols_buf = vals_buf = vals = None
+    parts = []
+    if not grad:
+        cols_buf = x.new_empty(n * c_in * taps * step)
+        vals_buf = x.new_empty(n * c_out * step)
+        vals = x.new_empty(n, g, cout_g, count)
+    for lo in range(0, count, step):
+        hi = min(count, lo + step)
+        m = hi - lo
+        idx = index[:, lo:hi].reshape(-1)
+        if cols_buf is None:
+            cols = x2d.index_select(1, idx)
+        else:
+            cols = torch.index_select(
+                x2d, 1, idx, out=cols_buf[: n * c_in * taps * m].view(n * c_in, taps * m)
+            )
+        if valid is not None:
+            part = valid[:, lo:hi]
+            if not bool(part.all()):
+                # Only the taps on zero padding, in place (index_select's backward does not
+                # need its output); a multiply by the tap mask would be a pass over `cols`.
+                off = (~part.reshape(-1)).nonzero().reshape(-1).to(dev)
+                cols = cols.index_fill_(1, off, 0.0)
+        cols4 = cols.view(n, g, cin_g * taps, m)
+        if vals is None or vals_buf is None:
+            parts.append(torch.matmul(w, cols4))
+        else:
+            dest = vals_buf[: n * c_out * m].view(n, g, cout_g, m)
+            vals[..., lo:hi].copy_(torch.matmul(w, cols4, out=dest))
+    if vals is None:
+        vals = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+    if b is not None:
+        vals = vals.add_(b)  # in place: the product's backward does not need it
+    # One scatter for all chunks: the output is written plane by plane, in order (chunk by
+    # chunk it was 1.7x slower). In place: `result` is fresh, and a copy would double the cost.
+    rows.index_copy_(1, pos, vals.view(n * c_out, count))
+    return result
 
 
 def _filled(x: Tensor, shape: tuple[int, ...], fill: float) -> Tensor:
