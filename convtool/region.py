@@ -478,7 +478,8 @@ class RegionConv(nn.Module):
         method = self.method
         tiles: _Tiles | None = None
         if method == "auto":
-            method, tiles = _choose(spec, m, shared)
+            fresh = _fresh_zeros(x, (n, *out), fill)
+            method, tiles = _choose(spec, m, shared, fresh)
         elif method == "tiles":
             tiles = _Tiles.cover(spec, m if not shared else m[None])
         self.last_method = method
@@ -520,18 +521,20 @@ class RegionConv(nn.Module):
         return result.fill_(fill)
 
 
-# Cost model of 'auto', in units of the full conv's time, refitted on benchmarks/region.py
-# (Conv2d 3x3, 3->64 and 64->64, 128^2, N = 1 and 8, one thread, shared 2-core machine): the
-# gather path costs about GATHER_COST x the selected fraction (im2col's 9x reads per position
-# for a 3x3 kernel), the tile path TILE_COST x the fraction of positions its tiles cover (halo
-# included). Both pay a fixed part: writing the whole filled output, which every path pays and
-# which is a large share of a conv that does little work per output value (C_in/groups * taps
-# multiply-adds): about 40% of a 3->64 conv, 3% of a 64->64 one. OUTPUT_MACS is that write in
-# multiply-add equivalents; 'full' pays it twice (the conv's output, then the masking pass).
-GATHER_COST, GATHER_FIXED = 4.5, 0.02
-TILE_COST, TILE_FIXED = 1.6, 0.04
+# Cost model of 'auto', in units of the full conv's time, fitted on benchmarks/region.py
+# (Conv2d 3x3, 3->64 and 64->64, 128^2 and 256^2, N = 1 and 8, blobs and boxes, one thread,
+# shared 2-core machine). `w` is the share of the conv's time spent writing its output,
+# OUTPUT_MACS / (OUTPUT_MACS + C_in/groups * taps): 3% of a 64->64 3x3 conv, 40% of a 3->64 one.
+# Every region path pays a fixed part FIXED = a + b*w (making the filled output) plus, per
+# selected fraction d (gather) or tile coverage c (tiles, halo included), RATE = a + b*w. Both
+# differ with the output's size: a fresh zero mapping (32 MiB and more, see _filled) is far
+# cheaper to fill than the conv's own output, which is page-faulted in; a reused smaller one is
+# filled by a pass over it. 'full' is the conv plus a masking pass: FULL = a + b*w.
 OUTPUT_MACS = 18.0
-FULL_MASK = 0.35
+GATHER_RATE = {True: (1.82, -1.55), False: (2.42, -1.55)}  # keyed by "fresh zero mapping"
+TILE_RATE = (1.1, 0.88)
+FIXED = {True: (0.044, 0.19), False: (0.138, 0.405)}
+FULL = (1.04, 0.4)
 
 
 def _apply_mask(values: Tensor, keep: Tensor, fill: float) -> Tensor:
@@ -551,25 +554,28 @@ def _apply_mask(values: Tensor, keep: Tensor, fill: float) -> Tensor:
     return values
 
 
-def _choose(spec: ConvSpec, mask: Tensor, shared: bool) -> tuple[str, _Tiles | None]:
+def _choose(
+    spec: ConvSpec, mask: Tensor, shared: bool, fresh: bool
+) -> tuple[str, _Tiles | None]:
     """The method the cost model expects to be fastest, and the tile cover if it was made.
 
-    The cover is only made when tiles could win: they cover at least the selected positions
-    and their halo, so below some density the gather path beats them whatever the cover (it
-    saves a pass over the mask that rivals the whole call on a small region).
+    `fresh`: the output is a fresh zero mapping (see :func:`_filled`). The cover is only made
+    when tiles could win: they cover at least the selected positions and their halo, so below
+    some density the gather path beats them whatever the cover (it saves a pass over the mask
+    that rivals the whole call on a small region).
     """
     density = float(mask.sum()) / max(1, mask.numel())
     work = spec.in_channels // spec.groups * math.prod(spec.kernel_size)
-    write = OUTPUT_MACS / (OUTPUT_MACS + work)  # the output write's share of the conv's time
-    costs = {"full": 1.0 + FULL_MASK * write, "gather": GATHER_COST * density + write}
-    costs["gather"] += GATHER_FIXED
+    w = OUTPUT_MACS / (OUTPUT_MACS + work)  # the output write's share of the conv's time
+    fixed = FIXED[fresh][0] + FIXED[fresh][1] * w
+    gather = GATHER_RATE[fresh][0] + GATHER_RATE[fresh][1] * w
+    costs = {"full": FULL[0] + FULL[1] * w, "gather": fixed + gather * density}
     tiles: _Tiles | None = None
-    # The tiles' own output (halo-free but tile-shaped) is a second write per position.
-    tile_rate = TILE_COST * (1 + 4 * write)
-    least = tile_rate * density * _Tiles.halo(spec) + write + TILE_FIXED
+    tile_rate = TILE_RATE[0] + TILE_RATE[1] * w
+    least = fixed + tile_rate * density * _Tiles.halo(spec)
     if not spec.transposed and least < min(costs.values()):
         tiles = _Tiles.cover(spec, mask if not shared else mask[None])
-        costs["tiles"] = tile_rate * tiles.coverage + write + TILE_FIXED
+        costs["tiles"] = fixed + tile_rate * tiles.coverage
     return min(costs, key=lambda k: costs[k]), tiles
 
 
@@ -906,17 +912,21 @@ def _filled(x: Tensor, shape: tuple[int, ...], fill: float) -> Tensor:
     ones are reused heap memory, where `torch.zeros` is the cheaper (no page faults). The
     tensor is an ordinary CPU tensor either way.
     """
-    big = math.prod(shape) * x.element_size() >= _FRESH_MAPPING
-    if (
-        big
+    if _fresh_zeros(x, shape, fill):
+        dtype = np.float32 if x.dtype == torch.float32 else np.float64
+        return torch.from_numpy(np.zeros(shape, dtype=dtype))
+    return x.new_full(shape, fill)
+
+
+def _fresh_zeros(x: Tensor, shape: tuple[int, ...], fill: float) -> bool:
+    """True when :func:`_filled` makes the output a fresh zero mapping."""
+    return (
+        math.prod(shape) * x.element_size() >= _FRESH_MAPPING
         and fill == 0
         and math.copysign(1.0, fill) > 0
         and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
-    ):
-        dtype = np.float32 if x.dtype == torch.float32 else np.float64
-        return torch.from_numpy(np.zeros(shape, dtype=dtype))
-    return x.new_full(shape, fill)
+    )
 
 
 # glibc's largest dynamic mmap threshold: bigger allocations are always fresh mappings.
