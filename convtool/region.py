@@ -491,8 +491,9 @@ class RegionConv(nn.Module):
             return _tiled(spec, x, tiles, shared, weight, bias, fill, out, self._filled)
         return _gather_gemm(spec, x, m, shared, weight, bias, fill, out, self._filled)
 
-    def _filled(self, x: Tensor, shape: tuple[int, ...], fill: float) -> Tensor:
-        """A fresh-looking `shape` tensor like `x`, every value `fill`, to write the region into.
+    def _filled(self, x: Tensor, shape: tuple[int, ...], fill: float | None) -> Tensor:
+        """A fresh-looking `shape` tensor like `x`, every value `fill` (None: uninitialised), to
+        write the region into.
 
         Outputs under 32 MiB reuse the memory of this module's previous one once nothing else
         refers to it (a caching allocator, as PyTorch's GPU allocator is): a freshly allocated
@@ -518,7 +519,7 @@ class RegionConv(nn.Module):
             for axis in range(len(shape) - 2, -1, -1):
                 strides[axis] = strides[axis + 1] * shape[axis + 1]
             result = x.new_empty(0).set_(spare, 0, shape, strides)
-        return result.fill_(fill)
+        return result if fill is None else result.fill_(fill)
 
 
 # Cost model of 'auto', in units of the full conv's time, fitted on benchmarks/region.py
@@ -554,9 +555,7 @@ def _apply_mask(values: Tensor, keep: Tensor, fill: float) -> Tensor:
     return values
 
 
-def _choose(
-    spec: ConvSpec, mask: Tensor, shared: bool, fresh: bool
-) -> tuple[str, _Tiles | None]:
+def _choose(spec: ConvSpec, mask: Tensor, shared: bool, fresh: bool) -> tuple[str, _Tiles | None]:
     """The method the cost model expects to be fastest, and the tile cover if it was made.
 
     `fresh`: the output is a fresh zero mapping (see :func:`_filled`). The cover is only made
@@ -650,7 +649,7 @@ def _tiled(
     bias: Tensor | None,
     fill: float,
     out: tuple[int, ...],
-    filled: Callable[[Tensor, tuple[int, ...], float], Tensor],
+    filled: Callable[[Tensor, tuple[int, ...], float | None], Tensor],
 ) -> Tensor:
     """RegionConv's tile path (see :class:`RegionConv`)."""
     n, ndim = x.shape[0], spec.ndim
@@ -729,7 +728,7 @@ def _gather_gemm(
     bias: Tensor | None,
     fill: float,
     out: tuple[int, ...],
-    filled: Callable[[Tensor, tuple[int, ...], float], Tensor],
+    filled: Callable[[Tensor, tuple[int, ...], float | None], Tensor],
 ) -> Tensor:
     """RegionConv's sparse path: gather the taps of the selected positions, one batched GEMM,
     scatter into a `fill`ed output.
@@ -812,6 +811,11 @@ def _gather_gemm(
     return flat_result[:total].view(n, *out)
 
 
+# Selected fraction of the output positions from which the shared-mask gather path builds its
+# output by one index_select from the computed values (a sequential write of every output
+# value) rather than filling it and scattering into it (benchmarks/region.py: the scatter
+# costs 2-5 ns per value, and 3x that in total at 50%).
+_ASSEMBLE = 0.08
 # Bytes of gathered windows handled at a time by the shared-mask gather path: they stay in
 # cache, and one buffer serves every chunk, instead of a fresh array nine times the region's
 # input (a 3x3 kernel) that is page-faulted in at every call.
@@ -826,7 +830,7 @@ def _gather_gemm_shared(
     bias: Tensor | None,
     fill: float,
     out: tuple[int, ...],
-    filled: Callable[[Tensor, tuple[int, ...], float], Tensor],
+    filled: Callable[[Tensor, tuple[int, ...], float | None], Tensor],
 ) -> Tensor:
     """The gather path for a mask shared by the batch, a chunk of positions at a time.
 
@@ -845,16 +849,16 @@ def _gather_gemm_shared(
     dev = x.device
     pos = mask.reshape(-1).nonzero().reshape(-1).cpu()
     count = pos.numel()
-    result = filled(x, (n, *out), fill)
     if count == 0:
-        return result
+        return filled(x, (n, *out), fill)
+    # Dense enough regions assemble the output with one index_select instead (see below).
+    assemble = count >= _ASSEMBLE * p_out
+    width = count + 1 if assemble else count
     flat, valid = _taps(spec, in_sp, out_sp, pos)
     index = flat.t().contiguous().to(dev)  # (taps, count): tap-major, as the weight's columns
     if valid is not None:
         valid = valid.t().contiguous()
-    pos = pos.to(dev)
     x2d = x.reshape(n * c_in, p_in)
-    rows = result.view(n * c_out, p_out)
     w = row_weight(spec, weight).view(g, cout_g, cin_g * taps)
     b = None if bias is None else bias.view(g, cout_g, 1)
     grad = torch.is_grad_enabled() and any(
@@ -867,7 +871,7 @@ def _gather_gemm_shared(
     if not grad:
         cols_buf = x.new_empty(n * c_in * taps * step)
         vals_buf = x.new_empty(n * c_out * step)
-        vals = x.new_empty(n, g, cout_g, count)
+        vals = x.new_empty(n, g, cout_g, width)
     for lo in range(0, count, step):
         hi = min(count, lo + step)
         m = hi - lo
@@ -893,16 +897,40 @@ def _gather_gemm_shared(
             vals[..., lo:hi].copy_(torch.matmul(w, cols4, out=dest))
     if vals is None:
         vals = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
-    if b is not None:
-        vals = vals.add_(b)  # in place: the product's backward does not need it
-    # One scatter for all chunks: the output is written plane by plane, in order (chunk by
-    # chunk it was 1.7x slower). In place: `result` is fresh, and a copy would double the cost.
-    rows.index_copy_(1, pos, vals.view(n * c_out, count))
+        if b is not None:
+            vals = vals.add_(b)  # in place: the product's backward does not need it
+        if assemble:
+            vals = torch.cat([vals, vals.new_full((n, g, cout_g, 1), fill)], -1)
+    else:
+        if b is not None:
+            vals[..., :count].add_(b)
+        if assemble:
+            vals[..., count] = fill
+    if not assemble:
+        # One scatter for all chunks: the output is written plane by plane, in order (chunk
+        # by chunk it was 1.7x slower). In place: `result` is fresh, and a copy would double
+        # the cost.
+        result = filled(x, (n, *out), fill)
+        rows = result.view(n * c_out, p_out)
+        rows.index_copy_(1, pos.to(dev), vals.view(n * c_out, count))
+        return result
+    # Every output position reads its value (or the fill, kept in the last column): one
+    # sequential pass over the output, where a scatter costs several times more per value
+    # and needs the output filled first.
+    source = np.full(p_out, count, dtype=np.int64)
+    source[pos.numpy()] = np.arange(count)
+    inverse = torch.from_numpy(source).to(dev)
+    vals2d = vals.view(n * c_out, width)
+    if grad:
+        return vals2d.index_select(1, inverse).view(n, *out)
+    result = filled(x, (n, *out), None)
+    torch.index_select(vals2d, 1, inverse, out=result.view(n * c_out, p_out))
     return result
 
 
-def _filled(x: Tensor, shape: tuple[int, ...], fill: float) -> Tensor:
-    """A fresh `shape` tensor like `x`, every value `fill`, for the region paths to write into.
+def _filled(x: Tensor, shape: tuple[int, ...], fill: float | None) -> Tensor:
+    """A fresh `shape` tensor like `x`, every value `fill` (None: uninitialised), for the region
+    paths to write into.
 
     A large zero-filled CPU output comes from numpy's `calloc`: above glibc's largest mmap
     threshold (32 MiB) every allocation is a fresh mapping, whose memory is zero when mapped,
@@ -912,6 +940,8 @@ def _filled(x: Tensor, shape: tuple[int, ...], fill: float) -> Tensor:
     ones are reused heap memory, where `torch.zeros` is the cheaper (no page faults). The
     tensor is an ordinary CPU tensor either way.
     """
+    if fill is None:
+        return x.new_empty(shape)
     if _fresh_zeros(x, shape, fill):
         dtype = np.float32 if x.dtype == torch.float32 else np.float64
         return torch.from_numpy(np.zeros(shape, dtype=dtype))

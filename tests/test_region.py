@@ -276,6 +276,27 @@ def test_reused_output_memory_never_shows() -> None:
         torch.testing.assert_close(grad_x, want)
 
 
+@pytest.mark.parametrize("density", [0.03, 0.5])  # scattered into the output / assembled
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("fill", [0.0, math.nan])
+def test_gather_scatter_and_assembly(density: float, grad: bool, fill: float) -> None:
+    layer = nn.Conv2d(6, 4, 3, padding=1, padding_mode="zeros", groups=2)
+    x = torch.randn(3, 6, 40, 40, requires_grad=grad)
+    mask = torch.rand(40, 40) < density
+    with torch.set_grad_enabled(grad):
+        z = RegionConv(layer, method="gather")(x, mask, fill=fill)
+    y = layer(x)
+    torch.testing.assert_close(z[:, :, mask], y[:, :, mask], rtol=1e-12, atol=1e-12)
+    rest = z[:, :, ~mask]
+    assert bool((rest.isnan() if math.isnan(fill) else rest == fill).all())
+    if grad:
+        g = torch.randn_like(y)
+        got = torch.autograd.grad((z * g).nan_to_num().sum(), [x, *layer.parameters()])
+        want = torch.autograd.grad((y * g * mask).sum(), [x, *layer.parameters()])
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("fill", [0.0, -0.0, 2.0])
 def test_large_outputs_zero_filled_by_the_system(fill: float) -> None:
     # Outputs of 32 MiB and more come from calloc (zero pages) when the fill is +0.
