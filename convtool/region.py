@@ -813,9 +813,11 @@ def _gather_gemm(
 
 # Selected fraction of the output positions from which the shared-mask gather path builds its
 # output by one index_select from the computed values (a sequential write of every output
-# value) rather than filling it and scattering into it (benchmarks/region.py: the scatter
-# costs 2-5 ns per value, and 3x that in total at 50%).
-_ASSEMBLE = 0.08
+# value) rather than filling it and scattering into it (the scatter costs 2-5 ns per value). A
+# fresh zero mapping (see _filled) is filled for free and faulted in only where written, so
+# scattering into it pays longer. Keyed by "fresh zero mapping"; measured with
+# benchmarks/region.py's layers, 10-15% faster than the other way at 25-50%.
+_ASSEMBLE = {True: 0.4, False: 0.1}
 # Bytes of gathered windows handled at a time by the shared-mask gather path: they stay in
 # cache, and one buffer serves every chunk, instead of a fresh array nine times the region's
 # input (a 3x3 kernel) that is page-faulted in at every call.
@@ -852,7 +854,7 @@ def _gather_gemm_shared(
     if count == 0:
         return filled(x, (n, *out), fill)
     # Dense enough regions assemble the output with one index_select instead (see below).
-    assemble = count >= _ASSEMBLE * p_out
+    assemble = count >= _ASSEMBLE[_fresh_zeros(x, (n, *out), fill)] * p_out
     width = count + 1 if assemble else count
     flat, valid = _taps(spec, in_sp, out_sp, pos)
     index = flat.t().contiguous().to(dev)  # (taps, count): tap-major, as the weight's columns
@@ -932,31 +934,36 @@ def _filled(x: Tensor, shape: tuple[int, ...], fill: float | None) -> Tensor:
     """A fresh `shape` tensor like `x`, every value `fill` (None: uninitialised), for the region
     paths to write into.
 
-    A large zero-filled CPU output comes from numpy's `calloc`: above glibc's largest mmap
-    threshold (32 MiB) every allocation is a fresh mapping, whose memory is zero when mapped,
-    so nothing writes the zeros and only the pages the region touches are faulted in (on an
-    `(8, 64, 256, 256)` float32 output, 14 ms for a 1% region against 53 ms for `torch.zeros`,
-    which writes every page; the full conv pays the same 50 ms for its own output). Smaller
-    ones are reused heap memory, where `torch.zeros` is the cheaper (no page faults). The
-    tensor is an ordinary CPU tensor either way.
+    Large CPU outputs (32 MiB and more: above glibc's largest mmap threshold every allocation
+    is a fresh mapping, page-faulted in as it is written) come from numpy, which asks the
+    kernel for transparent huge pages on them: a fault then maps 2 MiB at once. A zero fill
+    comes from `calloc`, zero when mapped, so nothing writes the zeros and only the pages the
+    region touches are faulted in. On an `(8, 64, 256, 256)` float32 output: 14 ms for a 1%
+    region against 53 ms for `torch.zeros` (4 KiB faults, then every page written; the full
+    conv pays those 50 ms for its own output). Smaller outputs are reused heap memory, where
+    torch's own allocation is the cheaper. The tensor is an ordinary CPU tensor either way.
     """
+    if not _large_cpu(x, shape):
+        return x.new_empty(shape) if fill is None else x.new_full(shape, fill)
+    dtype = np.float32 if x.dtype == torch.float32 else np.float64
     if fill is None:
-        return x.new_empty(shape)
-    if _fresh_zeros(x, shape, fill):
-        dtype = np.float32 if x.dtype == torch.float32 else np.float64
+        return torch.from_numpy(np.empty(shape, dtype=dtype))
+    if fill == 0 and math.copysign(1.0, fill) > 0:
         return torch.from_numpy(np.zeros(shape, dtype=dtype))
-    return x.new_full(shape, fill)
+    return torch.from_numpy(np.full(shape, fill, dtype=dtype))
+
+
+def _large_cpu(x: Tensor, shape: tuple[int, ...]) -> bool:
+    return (
+        math.prod(shape) * x.element_size() >= _FRESH_MAPPING
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+    )
 
 
 def _fresh_zeros(x: Tensor, shape: tuple[int, ...], fill: float) -> bool:
     """True when :func:`_filled` makes the output a fresh zero mapping."""
-    return (
-        math.prod(shape) * x.element_size() >= _FRESH_MAPPING
-        and fill == 0
-        and math.copysign(1.0, fill) > 0
-        and x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.float64)
-    )
+    return _large_cpu(x, shape) and fill == 0 and math.copysign(1.0, fill) > 0
 
 
 # glibc's largest dynamic mmap threshold: bigger allocations are always fresh mappings.
