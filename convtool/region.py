@@ -522,19 +522,22 @@ class RegionConv(nn.Module):
         return result if fill is None else result.fill_(fill)
 
 
-# Cost model of 'auto', in units of the full conv's time, fitted on benchmarks/region.py
-# (Conv2d 3x3, 3->64 and 64->64, 128^2 and 256^2, N = 1 and 8, blobs and boxes, one thread,
-# shared 2-core machine). `w` is the share of the conv's time spent writing its output,
-# OUTPUT_MACS / (OUTPUT_MACS + C_in/groups * taps): 3% of a 64->64 3x3 conv, 40% of a 3->64 one.
-# Every region path pays a fixed part FIXED = a + b*w (making the filled output) plus, per
-# selected fraction d (gather) or tile coverage c (tiles, halo included), RATE = a + b*w. Both
-# differ with the output's size: a fresh zero mapping (32 MiB and more, see _filled) is far
-# cheaper to fill than the conv's own output, which is page-faulted in; a reused smaller one is
-# filled by a pass over it. 'full' is the conv plus a masking pass: FULL = a + b*w.
+# Cost model of 'auto', in units of the full conv's time, least-squares fitted on
+# benchmarks/region.py (Conv2d 3x3, 3->64 and 64->64, 128^2 and 256^2, N = 1 and 8, blobs and
+# boxes at 1-50%, one thread, shared 2-core machine). `w` is the share of the conv's time spent
+# writing its output, OUTPUT_MACS / (OUTPUT_MACS + C_in/groups * taps): 3% of a 64->64 3x3
+# conv, 40% of a 3->64 one. A region path costs FIXED (making the output) plus RATE per
+# selected fraction (gather) or per tile coverage (tiles, halo included), each `a + b*w`, keyed
+# by whether the output is a fresh zero mapping (see _filled): that one is filled for free and
+# faulted in with huge pages, while the conv's own output is faulted in 4 KiB at a time, so a
+# region gains most there; a smaller, reused output is filled by a pass over it, which on a
+# 3->64 conv (little work per output value) is half the conv. 'full' is the conv plus a
+# masking pass: FULL = a + b*w.
 OUTPUT_MACS = 18.0
-GATHER_RATE = {True: (1.82, -1.55), False: (2.42, -1.55)}  # keyed by "fresh zero mapping"
-TILE_RATE = (1.1, 0.88)
-FIXED = {True: (0.044, 0.19), False: (0.138, 0.405)}
+GATHER_FIXED = {True: (0.048, 0.231), False: (0.12, 1.324)}
+GATHER_RATE = {True: (1.669, -1.531), False: (2.106, 4.759)}
+TILE_FIXED = {True: (0.0, 0.3), False: (0.123, 1.515)}
+TILE_RATE = {True: (1.234, 0.598), False: (1.147, 6.007)}
 FULL = (1.04, 0.4)
 
 
@@ -566,15 +569,20 @@ def _choose(spec: ConvSpec, mask: Tensor, shared: bool, fresh: bool) -> tuple[st
     density = float(mask.sum()) / max(1, mask.numel())
     work = spec.in_channels // spec.groups * math.prod(spec.kernel_size)
     w = OUTPUT_MACS / (OUTPUT_MACS + work)  # the output write's share of the conv's time
-    fixed = FIXED[fresh][0] + FIXED[fresh][1] * w
-    gather = GATHER_RATE[fresh][0] + GATHER_RATE[fresh][1] * w
-    costs = {"full": FULL[0] + FULL[1] * w, "gather": fixed + gather * density}
+
+    def line(coef: tuple[float, float]) -> float:
+        return coef[0] + coef[1] * w
+
+    costs = {
+        "full": line(FULL),
+        "gather": line(GATHER_FIXED[fresh]) + line(GATHER_RATE[fresh]) * density,
+    }
     tiles: _Tiles | None = None
-    tile_rate = TILE_RATE[0] + TILE_RATE[1] * w
-    least = fixed + tile_rate * density * _Tiles.halo(spec)
+    tile_fixed, tile_rate = line(TILE_FIXED[fresh]), line(TILE_RATE[fresh])
+    least = tile_fixed + tile_rate * density * _Tiles.halo(spec)
     if not spec.transposed and least < min(costs.values()):
         tiles = _Tiles.cover(spec, mask if not shared else mask[None])
-        costs["tiles"] = fixed + tile_rate * tiles.coverage
+        costs["tiles"] = tile_fixed + tile_rate * tiles.coverage
     return min(costs, key=lambda k: costs[k]), tiles
 
 
