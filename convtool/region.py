@@ -413,6 +413,13 @@ class RegionConv(nn.Module):
     `'auto'` (the default) picks the one a cost model (fitted on `benchmarks/region.py`) expects
     to be fastest for each call's mask.
 
+    The output is what makes a small region expensive: it is dense, and the conv's own time
+    includes writing it. Outputs under 32 MiB reuse this module's previous output's memory once
+    nothing refers to it any more (refilled at every call); larger ones come from fresh
+    huge-page mappings, zero-filled by the kernel only where the region writes (see
+    :func:`_filled`). Dense regions are assembled in one pass over the output instead of filled
+    and scattered into.
+
     For a transposed conv the mask selects positions of the transposed conv's output.
 
     Args:
@@ -536,7 +543,7 @@ class RegionConv(nn.Module):
 OUTPUT_MACS = 18.0
 GATHER_FIXED = {True: (0.048, 0.231), False: (0.12, 1.324)}
 GATHER_RATE = {True: (1.669, -1.531), False: (2.106, 4.759)}
-TILE_FIXED = {True: (0.0, 0.3), False: (0.123, 1.515)}
+TILE_FIXED = {True: (0.048, 0.231), False: (0.123, 1.515)}  # fresh: as gather (one fill)
 TILE_RATE = {True: (1.234, 0.598), False: (1.147, 6.007)}
 FULL = (1.04, 0.4)
 
