@@ -745,85 +745,35 @@ def _gather_gemm(
     out: tuple[int, ...],
     filled: Callable[[Tensor, tuple[int, ...], float | None], Tensor],
 ) -> Tensor:
-    """RegionConv's sparse path: gather the taps of the selected positions, one batched GEMM,
-    scatter into a `fill`ed output.
+    """RegionConv's gather path: gather the taps of the selected positions, one GEMM per
+    channel group, write them into the `fill`ed output (:func:`_gather_gemm_shared`).
 
-    Per-sample masks are padded to the largest sample's count with a dummy position whose
-    results go to one spare element past the output (dropped by a prefix view, so nothing is
-    copied and no gradient reaches it). A shared mask gathers with `index_select` along the last
-    axis of the `(N*C, P)` view (one index for all rows); per-sample masks with `torch.gather`
-    and an index broadcast over channels (a channels-last copy would cost a pass over the
-    input).
+    Per-sample masks run it one sample at a time, writing into that sample's part of one
+    output (filled once).
     """
-    n, c_in = x.shape[0], spec.in_channels
-    in_sp, out_sp = tuple(x.shape[2:]), out[1:]
-    p_in, p_out = math.prod(in_sp), math.prod(out_sp)
-    g = spec.groups
-    cin_g, cout_g = c_in // g, spec.out_channels // g
-    taps = math.prod(spec.kernel_size)
-    dev = x.device
     if shared:
         return _gather_gemm_shared(spec, x, mask, weight, bias, fill, out, filled)
-    if shared:
-        pos = mask.reshape(-1).nonzero().reshape(-1).cpu()
-        count = pos.numel()
-        flat, valid = _taps(spec, in_sp, out_sp, pos)
-        scale = None if valid is None else valid.t().reshape(1, 1, taps, count)
-        dest = pos[None, :].expand(n, count)
-        real: Tensor | None = None
-    else:
-        rows = mask.reshape(n, p_out)
-        counts = rows.sum(1).cpu()
-        count = int(counts.max())
-        # Stable sort puts each sample's selected positions first, in ascending order.
-        order = torch.sort(rows.to(torch.uint8), dim=1, descending=True, stable=True).indices
-        dest = order[:, :count].cpu()
-        real = torch.arange(count)[None, :] < counts[:, None]
-        flat, valid = _taps(spec, in_sp, out_sp, dest.reshape(-1))
-        flat = flat.view(n, count, taps)
-        index = flat.transpose(1, 2).reshape(n, 1, taps * count).expand(n, c_in, taps * count)
-        scale = None
-        if valid is not None:
-            scale = valid.view(n, count, taps).transpose(1, 2).reshape(n, 1, taps, count)
-    if shared:
-        # One index for every (sample, channel) row: index_select along the last axis of the
-        # `(N*C_in, P)` view, about 3x faster than `torch.gather` with a broadcast index.
-        cols = x.reshape(n * c_in, p_in).index_select(1, flat.t().reshape(-1).to(dev))
-        cols = cols.view(n, c_in, taps * count)
-    else:
-        cols = torch.gather(x.reshape(n, c_in, p_in), 2, index.to(dev))
-    if scale is not None:
-        # Zero only the taps on zero padding (border positions), in place (gather's backward
-        # does not need its output): a multiply by the tap mask was a whole extra pass over
-        # `cols`, about a third of this path's time, and turned a clamped read of inf into NaN.
-        off = (~scale.reshape(scale.shape[0], -1)).nonzero()
-        if shared:
-            cols.index_fill_(2, off[:, 1].to(dev), 0.0)
-        else:
-            cols[off[:, 0].to(dev), :, off[:, 1].to(dev)] = 0.0
-    cols = cols.view(n, c_in, taps, count)
-    w = row_weight(spec, weight).view(g, cout_g, cin_g * taps)
-    vals = torch.matmul(w, cols.view(n, g, cin_g * taps, count))
-    vals = vals.reshape(n, spec.out_channels, count)
-    if bias is not None:
-        vals.add_(bias[:, None])  # in place: the product's backward does not need it
-    # In place: `result` is fresh and needs no gradient, and a copy would double the cost.
-    if shared:
-        result = filled(x, (n, *out), fill)
-        rows = result.view(n * spec.out_channels, p_out)
-        rows.index_copy_(1, pos.to(dev), vals.reshape(n * spec.out_channels, count))
-        return result
-    total = n * spec.out_channels * p_out
-    target = (
-        torch.arange(n)[:, None, None] * (spec.out_channels * p_out)
-        + torch.arange(spec.out_channels)[None, :, None] * p_out
-        + dest[:, None, :]
-    )
-    assert real is not None
-    target = torch.where(real[:, None, :], target, total)
-    flat_result = filled(x, (total + 1,), fill)
-    flat_result.index_copy_(0, target.reshape(-1).to(dev), vals.reshape(-1))
-    return flat_result[:total].view(n, *out)
+    n = x.shape[0]
+    result = filled(x, (n, *out), fill)
+    fresh = _fresh_zeros(x, (n, *out), fill)
+    for i in range(n):
+        part = result[i : i + 1]
+        # `part` holds `fill` already, which is what the scatter and the assembly both need.
+        y = _gather_gemm_shared(
+            spec, x[i : i + 1], mask[i], weight, bias, fill, out, _given(part), fresh=fresh
+        )
+        if y.data_ptr() != part.data_ptr():  # assembled as a new tensor (autograd)
+            part.copy_(y)
+    return result
+
+
+def _given(t: Tensor) -> Callable[[Tensor, tuple[int, ...], float | None], Tensor]:
+    """An output maker that returns `t` (already made) whatever it is asked."""
+
+    def make(_x: Tensor, _shape: tuple[int, ...], _fill: float | None) -> Tensor:
+        return t
+
+    return make
 
 
 # Selected fraction of the output positions from which the shared-mask gather path builds its
@@ -848,6 +798,7 @@ def _gather_gemm_shared(
     fill: float,
     out: tuple[int, ...],
     filled: Callable[[Tensor, tuple[int, ...], float | None], Tensor],
+    fresh: bool | None = None,
 ) -> Tensor:
     """The gather path for a mask shared by the batch, a chunk of positions at a time.
 
@@ -869,7 +820,9 @@ def _gather_gemm_shared(
     if count == 0:
         return filled(x, (n, *out), fill)
     # Dense enough regions assemble the output with one index_select instead (see below).
-    assemble = count >= _ASSEMBLE[_fresh_zeros(x, (n, *out), fill)] * p_out
+    if fresh is None:
+        fresh = _fresh_zeros(x, (n, *out), fill)
+    assemble = count >= _ASSEMBLE[fresh] * p_out
     width = count + 1 if assemble else count
     flat, valid = _taps(spec, in_sp, out_sp, pos)
     index = flat.t().contiguous().to(dev)  # (taps, count): tap-major, as the weight's columns

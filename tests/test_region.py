@@ -279,23 +279,28 @@ def test_reused_output_memory_never_shows() -> None:
         torch.testing.assert_close(grad_x, want)
 
 
-@pytest.mark.parametrize("density", [0.03, 0.5])  # scattered into the output / assembled
+# scattered into the output / assembled; per sample: one of each and an empty one
+@pytest.mark.parametrize("density", [0.03, 0.5, "per sample"])
 @pytest.mark.parametrize("grad", [False, True])
 @pytest.mark.parametrize("fill", [0.0, math.nan])
-def test_gather_scatter_and_assembly(density: float, grad: bool, fill: float) -> None:
+def test_gather_scatter_and_assembly(density: float | str, grad: bool, fill: float) -> None:
     layer = nn.Conv2d(6, 4, 3, padding=1, padding_mode="zeros", groups=2)
     x = torch.randn(3, 6, 40, 40, requires_grad=grad)
-    mask = torch.rand(40, 40) < density
+    if isinstance(density, str):
+        mask = torch.rand(3, 40, 40) < torch.tensor([0.03, 0.5, 0.0])[:, None, None]
+    else:
+        mask = torch.rand(40, 40) < density
     with torch.set_grad_enabled(grad):
         z = RegionConv(layer, method="gather")(x, mask, fill=fill)
     y = layer(x)
-    torch.testing.assert_close(z[:, :, mask], y[:, :, mask], rtol=1e-12, atol=1e-12)
-    rest = z[:, :, ~mask]
+    keep = (mask if mask.dim() == 3 else mask[None]).unsqueeze(1).expand_as(y)
+    torch.testing.assert_close(z[keep], y[keep], rtol=1e-12, atol=1e-12)
+    rest = z[~keep]
     assert bool((rest.isnan() if math.isnan(fill) else rest == fill).all())
     if grad:
         g = torch.randn_like(y)
         got = torch.autograd.grad((z * g).nan_to_num().sum(), [x, *layer.parameters()])
-        want = torch.autograd.grad((y * g * mask).sum(), [x, *layer.parameters()])
+        want = torch.autograd.grad((y * g * keep).sum(), [x, *layer.parameters()])
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
