@@ -23,6 +23,7 @@ small blocks) and is written into the previous step's buffer once nothing holds 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import weakref
@@ -119,33 +120,37 @@ def _plain_cpu(*tensors: Tensor) -> bool:
 
 
 def _blas_layout(t: Tensor) -> bool:
-    """True when each matrix of `t (B, R, C)` is a BLAS operand as it lies (one of its last two
-    strides 1, the other at least the row length): numpy's stacked matmul then calls BLAS per
-    block; on other layouts it falls back to a loop far slower than `torch.bmm`."""
-    rs, cs = t.stride(1), t.stride(2)
-    return (cs == 1 and rs >= max(1, t.shape[2])) or (rs == 1 and cs >= max(1, t.shape[1]))
+    """True when each matrix of `t (..., R, C)` is a BLAS operand as it lies (one of its last
+    two strides 1, the other at least the row length): numpy's stacked matmul then calls BLAS
+    per block; on other layouts it falls back to a loop far slower than `torch.bmm`."""
+    rs, cs = t.stride(-2), t.stride(-1)
+    return (cs == 1 and rs >= max(1, t.shape[-1])) or (rs == 1 and cs >= max(1, t.shape[-2]))
 
 
 def _matmuls(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
-    """`a (B, R, K) @ b (B, K, M)` -> `(B, R, M)` (into `out`, contiguous, if given): one matrix
-    product per block.
+    """`a (..., R, K) @ b (..., K, M)` -> `(..., R, M)` (into `out`, which may be a strided view,
+    if given): one matrix product per block, over one or more batch dims.
 
-    For ordinary CPU tensors in BLAS layouts this is numpy's stacked matmul, which calls BLAS
-    once per block with little overhead: at `R = 1` (vector-matrix products) about the time to
-    read `b`, where `torch.bmm` takes about twice that; on the small blocks of a
-    locally-connected layer (`R` up to 64) it is still up to 1.5x faster than `torch.bmm` for
-    the weight gradient. Otherwise `torch.bmm`.
+    For ordinary CPU tensors whose blocks are BLAS matrices as they lie (`out`'s too) this is
+    numpy's stacked matmul, which calls BLAS once per block with little overhead and writes
+    into `out` in place, whatever its batch strides: at `R = 1` (vector-matrix products) about
+    the time to read `b`; on the small blocks of a locally-connected layer up to 1.5x faster
+    than `torch.bmm`, which also cannot write into a strided `out`. Otherwise torch.
     """
     if (
         not _plain_cpu(a, b)
         or a.dtype != b.dtype
         or not (_blas_layout(a) and _blas_layout(b))
-        or (out is not None and (out.dtype != a.dtype or not out.is_contiguous()))
+        or (out is not None and (out.dtype != a.dtype or not _blas_layout(out)))
     ):
-        return torch.bmm(a, b, out=out)
+        if a.dim() == 3 and (out is None or out.is_contiguous()):
+            return torch.bmm(a, b, out=out)
+        if out is None:
+            return torch.matmul(a, b)
+        return out.copy_(torch.matmul(a, b))
     if out is None:
-        out = torch.empty((a.shape[0], a.shape[1], b.shape[2]), dtype=a.dtype)
-    np.matmul(a.detach().numpy(), b.detach().numpy(), out=out.numpy())
+        out = torch.empty((*a.shape[:-1], b.shape[-1]), dtype=a.dtype)
+    np.matmul(a.detach().numpy(), b.detach().numpy(), out=out.detach().numpy())
     return out
 
 
@@ -199,6 +204,93 @@ def _windows(
             cols.select(ndim + 2, tap).copy_(win.select(ndim + 2, tap))
         return cols.view(-1, (c_in // groups) * math.prod(kernel), 1)
     return win.reshape(-1, (c_in // groups) * math.prod(kernel), n)
+
+
+@functools.lru_cache(maxsize=32)
+def _window_rows(
+    c_in: int,
+    padded: tuple[int, ...],
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+    groups: int,
+    rows: int,
+) -> Tensor:
+    """Where the windows of the first `rows` output rows (first axis) read the input.
+
+    Returns flat indices into one padded sample `(C_in, *padded)`, ordered like the weight:
+    `(rows, *out[1:], G, C_in/g, *kernel)` flattened. Windows are translation invariant, so
+    the same indices serve every later row chunk read from an input shifted by the chunk's first
+    row (see :func:`_gather_windows`); only the first chunk's worth is kept.
+    """
+    ndim = len(kernel)
+    span = (rows - 1) * stride[0] + dilation[0] * (kernel[0] - 1) + 1
+    win = torch.arange(c_in * math.prod(padded)).view(c_in, *padded).narrow(1, 0, span)
+    for axis in range(ndim):
+        win = win.unfold(axis + 1, dilation[axis] * (kernel[axis] - 1) + 1, stride[axis])
+    win = win[(..., *(slice(None, None, d) for d in dilation))]
+    win = win.unflatten(0, (groups, c_in // groups))  # (G, C_in/g, *out, *k)
+    return win.permute(*range(2, ndim + 2), 0, 1, *range(ndim + 2, 2 * ndim + 2)).flatten()
+
+
+def _tap_windows(
+    xt: Tensor,
+    rows: tuple[int, int],
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+    out: Tensor,
+) -> Tensor:
+    """Windows of output rows `rows` of `xt (C_in, *padded, N)`, tap-major, copied into the
+    start of the flat buffer `out`.
+
+    Returns that part of `out` viewed as `(C_in, *kernel, P_rows, N)`: for each input channel and kernel
+    tap, the input samples that tap reads at every position of the chunk, one shifted slab of
+    the input each. One copy moves runs of `W_out * N` numbers (stride 1), where a
+    position-major layout would move runs of `kernel[-1]` or `N`. Position `p`'s window (the
+    rows of one group) is then a `(C_in/g * K, N)` matrix with row stride `P_rows * N`, a BLAS
+    operand as it lies.
+    """
+    ndim = len(kernel)
+    c_in, n = xt.shape[0], xt.shape[-1]
+    lo, hi = rows
+    span = (hi - lo - 1) * stride[0] + dilation[0] * (kernel[0] - 1) + 1
+    win = xt.narrow(1, lo * stride[0], span)
+    for axis in range(ndim):
+        win = win.unfold(axis + 1, dilation[axis] * (kernel[axis] - 1) + 1, stride[axis])
+    if any(d > 1 for d in dilation):
+        win = win[(..., *(slice(None, None, d) for d in dilation))]
+    # (C_in, *out, N, *k) -> (C_in, *k, *out, N)
+    win = win.permute(0, *range(ndim + 2, 2 * ndim + 2), *range(1, ndim + 2))
+    out = out[: win.numel()].view(win.shape)
+    out.copy_(win)
+    return out.view(c_in, *kernel, -1, n)
+
+
+def _tap_col2im(
+    gxs: Tensor,
+    gcols: Tensor,
+    rows: tuple[int, int],
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+    out_sp: tuple[int, ...],
+) -> None:
+    """Adds tap-major window gradients `gcols (C_in, *kernel, P_rows, N)` of output rows `rows`
+    back into `gxs (C_in, *padded, N)`: one add per kernel tap, of a whole slab (the inverse of
+    :func:`_tap_windows`)."""
+    ndim = len(stride)
+    kernel = tuple(gcols.shape[1 : ndim + 1])
+    lo, hi = rows
+    chunk_sp = (hi - lo, *out_sp[1:])
+    slabs = gcols.view(*gcols.shape[: ndim + 1], *chunk_sp, gcols.shape[-1])
+    for tap in itertools.product(*(range(k) for k in kernel)):
+        window = tuple(
+            slice(t * d + a * s, t * d + s * (a + o - 1) + 1, s)
+            for t, d, s, o, a in zip(
+                tap, dilation, stride, chunk_sp, (lo,) + (0,) * (ndim - 1), strict=True
+            )
+        )
+        gxs[(slice(None), *window)].add_(slabs[(slice(None), *tap)])
 
 
 # The weight gradient's buffer per weight, reused while nothing else holds its storage. A
@@ -270,27 +362,56 @@ class _LocallyConnectedFunction(torch.autograd.Function):
 
         xt = _transpose(xp, n).view(c_in, *padded, n)
         mat = weight.reshape(batch, cout_g, -1)
+        eager = _eager(xp, weight)
         rows = None
-        if bias is not None and n > 1:
+        if bias is not None and n > 1 and not eager:
             rows = bias.reshape(c_out, -1).t().reshape(batch, 1, cout_g)
         # Chunks write into one array; tracers (torch.export) refuse out= on tensors that
         # require grad, so they get a concatenation instead.
-        y = xp.new_empty(batch, n, cout_g) if _eager(xp, weight) else None
+        y = xp.new_empty(batch, n, cout_g) if eager else None
         parts = []
         per_position = groups * mat.shape[2] * n * xp.element_size()
-        for lo, hi in _row_chunks(out_sp, per_position):
-            cols = _windows(xt, (lo, hi), kernel, stride, dilation, groups)
-            part = slice(lo * per_row, hi * per_row)
-            dest = None if y is None else y[part]
-            if n == 1:
-                # Matrix-vector products: stream the weights once, no weight-sized temporary
-                # (the bias is added to the output below).
-                parts.append(_matmuls(cols.transpose(1, 2), mat[part].transpose(1, 2), dest))
-            elif rows is None:
-                parts.append(torch.bmm(cols.transpose(1, 2), mat[part].transpose(1, 2), out=dest))
-            else:
-                a, b = cols.transpose(1, 2), mat[part].transpose(1, 2)
-                parts.append(torch.baddbmm(rows[part], a, b, out=dest))
+        chunks = _row_chunks(out_sp, per_position)
+        step = chunks[0][1]  # rows in the first (largest) chunk
+        if y is not None and n == 1:
+            # Matrix-vector products: stream the weights once, no weight-sized temporary (the
+            # bias is added to the output below). The windows are gathered with precomputed
+            # indices (`index_select` moves 4-byte items at about 1.5 ns each; strided copies
+            # of 3-number kernel rows are twice as slow) into `(P_rows*G, 1, C_in/g*K)`: each
+            # block a unit-stride row vector, which `torch.bmm` multiplies at the speed of
+            # reading the kernels.
+            index = _window_rows(c_in, padded, kernel, stride, dilation, groups, step)
+            index = index.to(xt.device)
+            flat, plane = xt.view(-1), stride[0] * math.prod(padded[1:])
+            buf = xp.new_empty(index.numel())
+            for lo, hi in chunks:
+                part = slice(lo * per_row, hi * per_row)
+                size = (hi - lo) * per_row * mat.shape[2]
+                cols = torch.index_select(flat[lo * plane :], 0, index[:size], out=buf[:size])
+                a = cols.view(-1, 1, mat.shape[2])
+                torch.bmm(a, mat[part].transpose(1, 2), out=y[part])
+        elif y is not None:
+            # Tap-major windows (see _tap_windows): cheap to copy and to add back; the
+            # products read them with a row stride (numpy's stacked matmul on plain CPU
+            # tensors, torch otherwise). Bias added to the output below.
+            cin_g, k = c_in // groups, math.prod(kernel)
+            buf = xp.new_empty(step * per_row * mat.shape[2] * n)
+            for lo, hi in chunks:
+                part = slice(lo * per_row, hi * per_row)
+                taps = _tap_windows(xt, (lo, hi), kernel, stride, dilation, buf)
+                # (G, C_in/g*K, P_rows, N) -> (P_rows, G, N, C_in/g*K)
+                a = taps.view(groups, cin_g * k, -1, n).permute(2, 0, 3, 1)
+                b = mat[part].view(-1, groups, cout_g, cin_g * k).transpose(2, 3)
+                _matmuls(a, b, out=y[part].view(-1, groups, n, cout_g))
+        else:
+            for lo, hi in chunks:
+                cols = _windows(xt, (lo, hi), kernel, stride, dilation, groups)
+                part = slice(lo * per_row, hi * per_row)
+                if rows is None:
+                    parts.append(torch.bmm(cols.transpose(1, 2), mat[part].transpose(1, 2)))
+                else:
+                    a, b = cols.transpose(1, 2), mat[part].transpose(1, 2)
+                    parts.append(torch.baddbmm(rows[part], a, b))
         if y is None:
             y = parts[0] if len(parts) == 1 else torch.cat(parts)
         # y: (P*G, N, C_out/g) -> (N, C_out, *out)
@@ -299,7 +420,7 @@ class _LocallyConnectedFunction(torch.autograd.Function):
         else:
             out = y.view(-1, groups, n, cout_g).permute(2, 1, 3, 0).contiguous()
             out = out.view(n, c_out, *out_sp)
-        if bias is not None and n == 1:
+        if bias is not None and rows is None:
             out = out.add_(bias)
 
         # The input is only needed again for the weight gradient (its windows are recopied).
@@ -338,8 +459,17 @@ class _LocallyConnectedFunction(torch.autograd.Function):
             grad_w = _weight_grad_buffer(weight, tuple(mat.shape))
         gxs = grad.new_zeros(groups, cin_g, *padded, n) if want_x else None
         small = n <= _SMALL_BATCH
-        per_position = groups * mat.shape[2] * n * grad.element_size()
-        for lo, hi in _row_chunks(out_sp, per_position) if want_w or want_x else []:
+        kg = mat.shape[2]
+        per_position = groups * kg * n * grad.element_size()
+        chunks = _row_chunks(out_sp, per_position) if want_w or want_x else []
+        # Tap-major windows and window gradients (see forward) where nothing is traced; at N=1
+        # the position-major products below (outer products, vector-matrix products).
+        tapped = n > 1 and bool(chunks) and _eager(grad, weight) and (xt is None or _eager(xt))
+        if tapped:
+            size = chunks[0][1] * per_row * kg * n
+            wbuf = grad.new_empty(size) if want_w else None
+            xbuf = grad.new_empty(size) if want_x else None
+        for lo, hi in chunks:
             part = slice(lo * per_row, hi * per_row)
             if g2d is not None:
                 if gbuf is None:  # the first chunk is the largest
@@ -350,6 +480,29 @@ class _LocallyConnectedFunction(torch.autograd.Function):
             else:
                 assert gy is not None
                 gy_part = gy[part]
+            if tapped:
+                # (P_rows, G, C_out/g, N): the output gradient of each block, transposed
+                gyt = gy_part.view(-1, groups, n, cout_g).transpose(2, 3)
+                count = (hi - lo) * per_row * kg * n
+                if grad_w is not None:
+                    assert wbuf is not None
+                    taps = _tap_windows(xt, (lo, hi), kernel, stride, dilation, wbuf[:count])
+                    b = taps.view(groups, kg, -1, n).permute(2, 0, 3, 1)
+                    _matmuls(gyt, b, out=grad_w[part].view(-1, groups, cout_g, kg))
+                if gxs is not None:
+                    assert xbuf is not None
+                    gtaps = xbuf[:count].view(groups, kg, -1, n)
+                    a = mat[part].view(-1, groups, cout_g, kg).transpose(2, 3)
+                    _matmuls(a, gyt, out=gtaps.permute(2, 0, 1, 3))
+                    _tap_col2im(
+                        gxs.view(-1, *padded, n),
+                        gtaps.view(groups * cin_g, *kernel, -1, n),
+                        (lo, hi),
+                        stride,
+                        dilation,
+                        out_sp,
+                    )
+                continue
             if grad_w is not None:
                 cols = _windows(xt, (lo, hi), kernel, stride, dilation, groups)
                 if n == 1:  # outer products
