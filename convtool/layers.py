@@ -49,6 +49,10 @@ __all__ = [
 _SPARSE_LAYOUTS = (torch.sparse_coo, torch.sparse_csr)
 # Batch size up to which the LC input gradient uses the (positions, N, taps) product layout.
 _SMALL_BATCH = 16
+# Batch size from which the LC gathers its windows as rows of N numbers (position-major, where
+# the products run fastest); below it, tap-major slabs (cheaper to copy and to add back when
+# rows are short).
+_ROW_BATCH = 32
 
 
 def _shape_str(shape: Sequence[int]) -> str:
@@ -90,13 +94,15 @@ def _check_input(x: Tensor, sample: tuple[int, ...], dtype: torch.dtype, name: s
 # Locally-connected
 
 
-def _transpose(t: Tensor, rows: int) -> Tensor:
-    """`t` read as a `(rows, -1)` matrix, transposed into a contiguous `(-1, rows)` one.
+def _transpose(t: Tensor, rows: int, out: Tensor | None = None) -> Tensor:
+    """`t` read as a `(rows, -1)` matrix, transposed into a contiguous `(-1, rows)` one (into
+    the contiguous `out`, of `t.numel()` elements, if given).
 
     PyTorch copies a 2-d transpose tile by tile, several times faster than the general permutes
     it replaces here (moving the batch dim to the end and back).
     """
-    return t.reshape(rows, -1).t().contiguous()
+    src = t.reshape(rows, -1).t()
+    return src.contiguous() if out is None else out.view(src.shape).copy_(src)
 
 
 def _eager(*tensors: Tensor) -> bool:
@@ -293,38 +299,48 @@ def _tap_col2im(
         gxs[(slice(None), *window)].add_(slabs[(slice(None), *tap)])
 
 
-# The weight gradient's buffer per weight, reused while nothing else holds its storage. A
-# fresh weight-sized array is page-faulted in on every backward (glibc maps arrays above 32 MiB
-# afresh each time): 36 MiB took 12 ms against 1.7 ms to write it, twice the whole step of
-# the 3-D conv in benchmarks/layers.py. Training that drops its gradients
-# (`zero_grad(set_to_none=True)`) then writes into the same pages at every step.
-# Keyed by `id(weight)`, with a weak reference that drops the entry when the weight dies (a
-# WeakKeyDictionary would compare tensors with `==`).
-_GRAD_BUFFERS: dict[int, tuple[weakref.ref[Tensor], Tensor]] = {}
+# Arrays reused from one step to the next, per weight: its gradient, and the LC's large
+# temporaries. A fresh array above glibc's mmap threshold is page-faulted in at every use: a
+# fresh 36 MiB weight gradient took 12 ms against 1.7 ms to write it, twice the whole step of
+# the 3-D conv in benchmarks/layers.py, and each 7 MiB temporary of the 2-D case about 2.5 ms.
+# Training that drops its gradients (`zero_grad(set_to_none=True)`) then writes into the same
+# pages at every step. Keyed by `id(weight)`, with a weak reference that drops the entry when
+# the weight dies (a WeakKeyDictionary would compare tensors with `==`).
+_BUFFERS: dict[int, tuple[weakref.ref[Tensor], dict[str, Tensor]]] = {}
 # How many references a storage has (private; without it buffers are never reused).
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 
-def _weight_grad_buffer(weight: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """An uninitialised `(shape)` array for the gradient of `weight`, reusing the previous one
-    when no tensor but the cache's own refers to its storage any more."""
-    if not _plain_cpu(weight):
-        return weight.new_empty(shape)
-    entry = _GRAD_BUFFERS.get(id(weight))
+def _buffer(weight: Tensor, slot: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """An uninitialised `(shape)` array (dtype and device of `like`) kept with `weight` under
+    `slot`, reusing the previous one when no tensor but the cache's own refers to its storage
+    any more (a gradient handed out earlier, or an input still saved for a backward, is never
+    overwritten)."""
+    if not (_plain_cpu(weight) and _plain_cpu(like)):
+        return like.new_empty(shape)
+    key = id(weight)
+    entry = _BUFFERS.get(key)
+    if entry is None or entry[0]() is not weight:
+        entry = (weakref.ref(weight, lambda _: _BUFFERS.pop(key, None)), {})
+        _BUFFERS[key] = entry
+    buf = entry[1].get(slot)
     # Two references when free: the cached tensor's and the temporary storage object's.
     if (
-        entry is not None
-        and entry[0]() is weight
-        and tuple(entry[1].shape) == shape
-        and entry[1].dtype == weight.dtype
+        buf is not None
+        and tuple(buf.shape) == shape
+        and buf.dtype == like.dtype
         and _use_count is not None
-        and _use_count(entry[1].untyped_storage()._cdata) <= 2
+        and _use_count(buf.untyped_storage()._cdata) <= 2
     ):
-        return entry[1]
-    buf = weight.new_empty(shape)
-    key = id(weight)
-    _GRAD_BUFFERS[key] = (weakref.ref(weight, lambda _: _GRAD_BUFFERS.pop(key, None)), buf)
+        return buf
+    buf = like.new_empty(shape)
+    entry[1][slot] = buf
     return buf
+
+
+def _weight_grad_buffer(weight: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """An uninitialised `(shape)` array for the gradient of `weight` (see :func:`_buffer`)."""
+    return _buffer(weight, "grad", shape, weight)
 
 
 class _LocallyConnectedFunction(torch.autograd.Function):
@@ -360,15 +376,18 @@ class _LocallyConnectedFunction(torch.autograd.Function):
         batch, cout_g = math.prod(out_sp) * groups, c_out // groups
         per_row = batch // out_sp[0]  # blocks per row of the first output axis
 
-        xt = _transpose(xp, n).view(c_in, *padded, n)
-        mat = weight.reshape(batch, cout_g, -1)
         eager = _eager(xp, weight)
+        buf_x = _buffer(weight, "input", (xp.numel(),), xp) if eager and n > 1 else None
+        xt = _transpose(xp, n, buf_x).view(c_in, *padded, n)
+        mat = weight.reshape(batch, cout_g, -1)
         rows = None
         if bias is not None and n > 1 and not eager:
             rows = bias.reshape(c_out, -1).t().reshape(batch, 1, cout_g)
         # Chunks write into one array; tracers (torch.export) refuse out= on tensors that
         # require grad, so they get a concatenation instead.
-        y = xp.new_empty(batch, n, cout_g) if eager else None
+        y = None
+        if eager:
+            y = _buffer(weight, "out", (batch, n, cout_g), xp) if n > 1 else xp.new_empty(batch, n, cout_g)
         parts = []
         per_position = groups * mat.shape[2] * n * xp.element_size()
         chunks = _row_chunks(out_sp, per_position)
@@ -389,6 +408,18 @@ class _LocallyConnectedFunction(torch.autograd.Function):
                 size = (hi - lo) * per_row * mat.shape[2]
                 cols = torch.index_select(flat[lo * plane :], 0, index[:size], out=buf[:size])
                 a = cols.view(-1, 1, mat.shape[2])
+                torch.bmm(a, mat[part].transpose(1, 2), out=y[part])
+        elif y is not None and n >= _ROW_BATCH:
+            # Windows gathered as rows of N numbers into `(P_rows*G, C_in/g*K, N)`.
+            index = _window_rows(c_in, padded, kernel, stride, dilation, groups, step)
+            index = index.to(xt.device)
+            rows2d, plane = xt.view(-1, n), stride[0] * math.prod(padded[1:])
+            buf = xp.new_empty(index.numel(), n)
+            for lo, hi in chunks:
+                part = slice(lo * per_row, hi * per_row)
+                size = (hi - lo) * per_row * mat.shape[2]
+                cols = torch.index_select(rows2d[lo * plane :], 0, index[:size], out=buf[:size])
+                a = cols.view(-1, mat.shape[2], n).transpose(1, 2)
                 torch.bmm(a, mat[part].transpose(1, 2), out=y[part])
         elif y is not None:
             # Tap-major windows (see _tap_windows): cheap to copy and to add back; the
@@ -442,11 +473,12 @@ class _LocallyConnectedFunction(torch.autograd.Function):
 
         # (N, C_out, *out) -> (P*G, N, C_out/g); with one group a chunk at a time, in cache
         # (see forward).
-        g2d = grad.reshape(n * c_out, batch) if groups == 1 and _eager(grad) else None
+        g2d = grad.reshape(n * c_out, batch) if groups == 1 and _eager(grad) and n < _ROW_BATCH else None
         gy = gbuf = None
         if g2d is None:
             if groups == 1:
-                gy = _transpose(grad, n * c_out).view(batch, n, cout_g)
+                buf_y = _buffer(weight, "out", (batch, n, cout_g), grad) if n > 1 else None
+                gy = _transpose(grad, n * c_out, buf_y).view(batch, n, cout_g)
             else:
                 gy = grad.reshape(n, groups, cout_g, -1).permute(3, 1, 0, 2).contiguous()
                 gy = gy.view(batch, n, cout_g)
@@ -457,7 +489,9 @@ class _LocallyConnectedFunction(torch.autograd.Function):
         want_w, want_x = ctx.needs_input_grad[1], ctx.needs_input_grad[0]
         if want_w:
             grad_w = _weight_grad_buffer(weight, tuple(mat.shape))
-        gxs = grad.new_zeros(groups, cin_g, *padded, n) if want_x else None
+        gxs = None
+        if want_x:
+            gxs = _buffer(weight, "input_grad", (groups, cin_g, *padded, n), grad).zero_()
         small = n <= _SMALL_BATCH
         kg = mat.shape[2]
         per_position = groups * kg * n * grad.element_size()
@@ -465,10 +499,15 @@ class _LocallyConnectedFunction(torch.autograd.Function):
         # Tap-major windows and window gradients (see forward) where nothing is traced; at N=1
         # the position-major products below (outer products, vector-matrix products).
         tapped = n > 1 and bool(chunks) and _eager(grad, weight) and (xt is None or _eager(xt))
+        gathered = tapped and n >= _ROW_BATCH
         if tapped:
             size = chunks[0][1] * per_row * kg * n
             wbuf = grad.new_empty(size) if want_w else None
             xbuf = grad.new_empty(size) if want_x else None
+        if gathered:
+            index = _window_rows(groups * cin_g, padded, kernel, stride, dilation, groups, chunks[0][1])
+            index = index.to(grad.device)
+            plane = stride[0] * math.prod(padded[1:])
         for lo, hi in chunks:
             part = slice(lo * per_row, hi * per_row)
             if g2d is not None:
@@ -480,6 +519,21 @@ class _LocallyConnectedFunction(torch.autograd.Function):
             else:
                 assert gy is not None
                 gy_part = gy[part]
+            if gathered:
+                rows = slice(lo * plane, None)
+                size = (hi - lo) * per_row * kg
+                if grad_w is not None:
+                    assert wbuf is not None and xt is not None
+                    cols = wbuf[: size * n].view(size, n)
+                    torch.index_select(xt.view(-1, n)[rows], 0, index[:size], out=cols)
+                    a = gy_part.transpose(1, 2)
+                    _matmuls(a, cols.view(-1, kg, n).transpose(1, 2), out=grad_w[part])
+                if gxs is not None:
+                    assert xbuf is not None
+                    gcols = xbuf[: size * n].view(-1, kg, n)
+                    torch.bmm(mat[part].transpose(1, 2), gy_part.transpose(1, 2), out=gcols)
+                    gxs.view(-1, n)[rows].index_add_(0, index[:size], gcols.view(size, n))
+                continue
             if tapped:
                 # (P_rows, G, C_out/g, N): the output gradient of each block, transposed
                 gyt = gy_part.view(-1, groups, n, cout_g).transpose(2, 3)

@@ -443,7 +443,7 @@ CHUNK_CASES = [
 
 
 @pytest.mark.parametrize("ndim, cin, cout, spatial, k, kw", CHUNK_CASES)
-@pytest.mark.parametrize("n", [1, 3, 20])
+@pytest.mark.parametrize("n", [1, 3, 20, 40])  # single sample, tap-major, gathered rows
 def test_lc_in_row_chunks_equals_conv(monkeypatch, ndim, cin, cout, spatial, k, kw, n):
     """One output row per chunk (the layer works a few rows at a time on large inputs)."""
     import convtool.layers as layers
