@@ -234,8 +234,8 @@ def _window_rows(
     win = torch.arange(c_in * math.prod(padded)).view(c_in, *padded).narrow(1, 0, span)
     for axis in range(ndim):
         win = win.unfold(axis + 1, dilation[axis] * (kernel[axis] - 1) + 1, stride[axis])
-    win = win[(..., *(slice(None, None, d) for d in dilation))]
-    win = win.unflatten(0, (groups, c_in // groups))  # (G, C_in/g, *out, *k)
+    every: tuple[Any, ...] = (..., *(slice(None, None, d) for d in dilation))
+    win = win[every].unflatten(0, (groups, c_in // groups))  # (G, C_in/g, *out, *k)
     return win.permute(*range(2, ndim + 2), 0, 1, *range(ndim + 2, 2 * ndim + 2)).flatten()
 
 
@@ -250,9 +250,9 @@ def _tap_windows(
     """Windows of output rows `rows` of `xt (C_in, *padded, N)`, tap-major, copied into the
     start of the flat buffer `out`.
 
-    Returns that part of `out` viewed as `(C_in, *kernel, P_rows, N)`: for each input channel and kernel
-    tap, the input samples that tap reads at every position of the chunk, one shifted slab of
-    the input each. One copy moves runs of `W_out * N` numbers (stride 1), where a
+    Returns that part of `out` viewed as `(C_in, *kernel, P_rows, N)`: for each input channel
+    and kernel tap, the input samples that tap reads at every position of the chunk, one
+    shifted slab of the input each. One copy moves runs of `W_out * N` numbers (stride 1), where a
     position-major layout would move runs of `kernel[-1]` or `N`. Position `p`'s window (the
     rows of one group) is then a `(C_in/g * K, N)` matrix with row stride `P_rows * N`, a BLAS
     operand as it lies.
@@ -265,7 +265,8 @@ def _tap_windows(
     for axis in range(ndim):
         win = win.unfold(axis + 1, dilation[axis] * (kernel[axis] - 1) + 1, stride[axis])
     if any(d > 1 for d in dilation):
-        win = win[(..., *(slice(None, None, d) for d in dilation))]
+        every: tuple[Any, ...] = (..., *(slice(None, None, d) for d in dilation))
+        win = win[every]
     # (C_in, *out, N, *k) -> (C_in, *k, *out, N)
     win = win.permute(0, *range(ndim + 2, 2 * ndim + 2), *range(1, ndim + 2))
     out = out[: win.numel()].view(win.shape)
@@ -290,13 +291,14 @@ def _tap_col2im(
     chunk_sp = (hi - lo, *out_sp[1:])
     slabs = gcols.view(*gcols.shape[: ndim + 1], *chunk_sp, gcols.shape[-1])
     for tap in itertools.product(*(range(k) for k in kernel)):
-        window = tuple(
+        window: tuple[Any, ...] = tuple(
             slice(t * d + a * s, t * d + s * (a + o - 1) + 1, s)
             for t, d, s, o, a in zip(
                 tap, dilation, stride, chunk_sp, (lo,) + (0,) * (ndim - 1), strict=True
             )
         )
-        gxs[(slice(None), *window)].add_(slabs[(slice(None), *tap)])
+        at: tuple[Any, ...] = (slice(None), *tap)
+        gxs[(slice(None), *window)].add_(slabs[at])
 
 
 # Arrays reused from one step to the next, per weight: its gradient, and the LC's large
@@ -386,8 +388,10 @@ class _LocallyConnectedFunction(torch.autograd.Function):
         # Chunks write into one array; tracers (torch.export) refuse out= on tensors that
         # require grad, so they get a concatenation instead.
         y = None
-        if eager:
-            y = _buffer(weight, "out", (batch, n, cout_g), xp) if n > 1 else xp.new_empty(batch, n, cout_g)
+        if eager and n > 1:
+            y = _buffer(weight, "out", (batch, n, cout_g), xp)
+        elif eager:  # small: no need to keep it
+            y = xp.new_empty(batch, n, cout_g)
         parts = []
         per_position = groups * mat.shape[2] * n * xp.element_size()
         chunks = _row_chunks(out_sp, per_position)
@@ -471,9 +475,11 @@ class _LocallyConnectedFunction(torch.autograd.Function):
         batch, cout_g = math.prod(out_sp) * groups, c_out // groups
         per_row = batch // out_sp[0]
 
-        # (N, C_out, *out) -> (P*G, N, C_out/g); with one group a chunk at a time, in cache
-        # (see forward).
-        g2d = grad.reshape(n * c_out, batch) if groups == 1 and _eager(grad) and n < _ROW_BATCH else None
+        # (N, C_out, *out) -> (P*G, N, C_out/g); with one group and a small batch a chunk at a
+        # time, in cache (see forward); otherwise at once, tile by tile, into a kept buffer.
+        g2d = None
+        if groups == 1 and _eager(grad) and n < _ROW_BATCH:
+            g2d = grad.reshape(n * c_out, batch)
         gy = gbuf = None
         if g2d is None:
             if groups == 1:
@@ -505,7 +511,8 @@ class _LocallyConnectedFunction(torch.autograd.Function):
             wbuf = grad.new_empty(size) if want_w else None
             xbuf = grad.new_empty(size) if want_x else None
         if gathered:
-            index = _window_rows(groups * cin_g, padded, kernel, stride, dilation, groups, chunks[0][1])
+            c_in, step = groups * cin_g, chunks[0][1]
+            index = _window_rows(c_in, padded, kernel, stride, dilation, groups, step)
             index = index.to(grad.device)
             plane = stride[0] * math.prod(padded[1:])
         for lo, hi in chunks:
@@ -540,8 +547,8 @@ class _LocallyConnectedFunction(torch.autograd.Function):
                 count = (hi - lo) * per_row * kg * n
                 if grad_w is not None:
                     assert wbuf is not None
-                    taps = _tap_windows(xt, (lo, hi), kernel, stride, dilation, wbuf[:count])
-                    b = taps.view(groups, kg, -1, n).permute(2, 0, 3, 1)
+                    slabs = _tap_windows(xt, (lo, hi), kernel, stride, dilation, wbuf[:count])
+                    b = slabs.view(groups, kg, -1, n).permute(2, 0, 3, 1)
                     _matmuls(gyt, b, out=grad_w[part].view(-1, groups, cout_g, kg))
                 if gxs is not None:
                     assert xbuf is not None
