@@ -594,3 +594,23 @@ def test_lc_weight_gradient_buffer_is_reused_only_when_nothing_holds_it():
     # accumulation into a held gradient still adds
     lc(x).backward(grads[0])
     torch.testing.assert_close(lc.weight.grad, wanted[2] + wanted[0], **F64)
+
+
+@pytest.mark.parametrize("n", [1, 3, 40])  # single sample, tap-major, gathered rows
+def test_lc_bfloat16_values_and_gradients_follow_the_conv(n):
+    """bfloat16 takes torch's products (numpy has no bfloat16) on every path."""
+    conv = make_conv(2, 4, 6, (2, 3), stride=(2, 1), padding=1, groups=2)
+    lc = to_locally_connected(conv, (4, 7, 6)).to(torch.bfloat16)
+    x = batch((4, 7, 6), n=n)
+    x_lc = x.to(torch.bfloat16).requires_grad_()
+    y, y_lc = conv(x.requires_grad_()), lc(x_lc)
+    assert y_lc.dtype == torch.bfloat16
+    tol = {"atol": 0.1, "rtol": 0.05}
+    torch.testing.assert_close(y_lc.double(), y, **tol)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_lc.backward(g.to(torch.bfloat16))
+    torch.testing.assert_close(x_lc.grad.double(), x.grad, **tol)
+    gw = lc.weight.grad.double().sum((0, 1))
+    scale = conv.weight.grad.abs().max().item()
+    torch.testing.assert_close(gw, conv.weight.grad, atol=0.03 * scale, rtol=0.05)
