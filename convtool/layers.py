@@ -7,18 +7,31 @@
   `nn.Linear`) or torch-sparse (a fixed buffer).
 
 How the LC layer is computed (numbers in ``benchmarks/layers.py``): the input is padded once
-with `F.pad` (in the padding mode), transposed to `(C_in, *spatial, N)` and cut into windows with
-chained `Tensor.unfold`, giving one `(C_in/g * K, N)` block per (position, group); one
-`torch.bmm` against the per-position kernels gives the output. This runs a few output rows at a
-time, so the windows stay in cache (the backward copies them again instead of keeping them). At
-N=1 the products are matrix-vector products, done by numpy's stacked matmul on ordinary CPU
-tensors (about the time to read the weights; `torch.bmm` takes twice that). The backward is written
-out (:class:`_LocallyConnectedFunction`): autograd's own would hand `bmm` gradients with no unit
-stride, which it multiplies one matrix at a time, and undo the windows with `unfold_backward`,
-making a training step about 2.5x slower than the explicit transposes and tap loop used here.
-The weight gradient is numpy's stacked matmul too (up to 1.5x faster than `torch.bmm` on these
-small blocks) and is written into the previous step's buffer once nothing holds that any more
-(:func:`_weight_grad_buffer`): a fresh weight-sized array costs page faults at every step.
+with `F.pad` (in the padding mode) and transposed to `(C_in, *padded, N)`; then, a few output
+rows at a time (so they stay in cache), the windows of those rows are built and multiplied with
+the per-position kernels as batched matrix products, one block per (position, group). How the
+windows are built depends on the batch (see :class:`_LocallyConnectedFunction`):
+
+* N=1: gathered with cached indices (`index_select`, about 0.7 ns per number against 1.15 for
+  strided copies of 3-number kernel rows) into unit-stride row vectors, which `torch.bmm`
+  multiplies at the speed of reading the weights (it is about 2x slower on a vector with
+  ambiguous strides). The forward is then about 1.4x one read of the weights.
+* large batches (N >= 32): gathered the same way as rows of N numbers; the input gradient goes
+  back with `index_add_` on the same indices (2.5 ms against 3.7 for one slab add per kernel
+  tap at N=64, 16->32, 32x32).
+* small batches: tap-major windows `(C_in, *kernel, positions, N)`, copied as one shifted slab
+  of the input per tap (long unit-stride runs, where a position-major copy moves runs of N) and
+  added back the same way; the products read each block with a row stride.
+
+The backward is written out (:class:`_LocallyConnectedFunction`): autograd's own would hand
+`bmm` gradients with no unit stride, which it multiplies one matrix at a time, and undo the
+windows with `unfold_backward`. The weight gradient is numpy's stacked matmul (up to 1.5x faster
+than `torch.bmm` on these small blocks). The weight gradient and the large temporaries (the
+transposed input, output and input gradient) are written into the previous step's arrays once
+nothing holds them any more (:func:`_buffer`): a fresh array above glibc's mmap threshold costs
+page faults at every step. At N=64 the three products take about as long as the whole conv
+step; the transposes between the `(N, C, *spatial)` layout and the per-position blocks, the
+window gathers (twice: forward and backward) and the input-gradient scatter make up the rest.
 """
 
 from __future__ import annotations
@@ -353,11 +366,25 @@ class _LocallyConnectedFunction(torch.autograd.Function):
     Output: `(N, C_out, *out)`, contiguous.
 
     With `P` positions, `G` groups and `K` kernel taps: the input is transposed once to
-    `(C_in, *padded, N)`. Then, a few output rows at a time (:data:`_CHUNK_BYTES`), their
-    windows are copied into `cols (P_rows*G, C_in/g*K, N)` (moving runs of `k*N` numbers) and
-    the forward and both gradients are one batched matmul each over those blocks; the input
-    gradient is put back with one strided add per kernel tap. Working a few rows at a time keeps
-    the windows in cache, and the backward copies them again rather than keeping them all.
+    `(C_in, *padded, N)`. Then, a few output rows at a time (:data:`_CHUNK_BYTES`), the windows
+    of those rows are built and the forward and both gradients are one batched matmul each over
+    the per-position blocks; the input gradient is put back into the input's layout. The windows
+    are laid out three ways, by case (all eager, i.e. not traced):
+
+    * `N = 1`: gathered with cached indices (:func:`_window_rows`, `index_select`) into
+      `(P_rows*G, 1, C_in/g*K)`: unit-stride row vectors that `torch.bmm` multiplies at the
+      speed of reading the kernels. The backward uses the traced path's layout below.
+    * `N >=` :data:`_ROW_BATCH`: gathered the same way as rows of `N` numbers into
+      `(P_rows*G, C_in/g*K, N)`; the input gradient is put back with `index_add_` on the same
+      indices.
+    * otherwise tap-major (:func:`_tap_windows`): `(C_in, *kernel, P_rows, N)`, one slab copy
+      per chunk and one slab add per tap back (:func:`_tap_col2im`); the products read each
+      block with a row stride, through numpy's stacked matmul.
+
+    Traced or compiled calls copy position-major windows with chained `Tensor.unfold` (one copy
+    per chunk) and put the input gradient back with one strided add per kernel tap. The backward
+    copies the windows again rather than keeping them all; large temporaries (the transposed
+    input, output and input gradient) are kept with the weight and reused (:func:`_buffer`).
     """
 
     @staticmethod
