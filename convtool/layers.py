@@ -26,9 +26,8 @@ windows are built depends on the batch (see :class:`_LocallyConnectedFunction`):
 The backward is written out (:class:`_LocallyConnectedFunction`): autograd's own would hand
 `bmm` gradients with no unit stride, which it multiplies one matrix at a time, and undo the
 windows with `unfold_backward`. The weight gradient is numpy's stacked matmul (up to 1.5x faster
-than `torch.bmm` on these small blocks). The weight gradient and the large temporaries (the
-transposed input, output and input gradient) are written into the previous step's arrays once
-nothing holds them any more (:func:`_buffer`): a fresh array above glibc's mmap threshold costs
+than `torch.bmm` on these small blocks) and is written into the previous step's array once
+nothing holds it any more (:func:`_buffer`): a fresh array above glibc's mmap threshold costs
 page faults at every step. At N=64 the three products take about as long as the whole conv
 step; the transposes between the `(N, C, *spatial)` layout and the per-position blocks, the
 window gathers (twice: forward and backward) and the input-gradient scatter make up the rest.
@@ -107,15 +106,13 @@ def _check_input(x: Tensor, sample: tuple[int, ...], dtype: torch.dtype, name: s
 # Locally-connected
 
 
-def _transpose(t: Tensor, rows: int, out: Tensor | None = None) -> Tensor:
-    """`t` read as a `(rows, -1)` matrix, transposed into a contiguous `(-1, rows)` one (into
-    the contiguous `out`, of `t.numel()` elements, if given).
+def _transpose(t: Tensor, rows: int) -> Tensor:
+    """`t` read as a `(rows, -1)` matrix, transposed into a contiguous `(-1, rows)` one.
 
     PyTorch copies a 2-d transpose tile by tile, several times faster than the general permutes
     it replaces here (moving the batch dim to the end and back).
     """
-    src = t.reshape(rows, -1).t()
-    return src.contiguous() if out is None else out.view(src.shape).copy_(src)
+    return t.reshape(rows, -1).t().contiguous()
 
 
 def _eager(*tensors: Tensor) -> bool:
@@ -240,7 +237,8 @@ def _window_rows(
     Returns flat indices into one padded sample `(C_in, *padded)`, ordered like the weight:
     `(rows, *out[1:], G, C_in/g, *kernel)` flattened. Windows are translation invariant, so
     the same indices serve every later row chunk read from an input shifted by the chunk's first
-    row (see :func:`_gather_windows`); only the first chunk's worth is kept.
+    row (the forward reads them from the input's rows past that row's start); only the first
+    chunk's worth is built.
     """
     ndim = len(kernel)
     span = (rows - 1) * stride[0] + dilation[0] * (kernel[0] - 1) + 1
@@ -314,13 +312,15 @@ def _tap_col2im(
         gxs[(slice(None), *window)].add_(slabs[at])
 
 
-# Arrays reused from one step to the next, per weight: its gradient, and the LC's large
-# temporaries. A fresh array above glibc's mmap threshold is page-faulted in at every use: a
-# fresh 36 MiB weight gradient took 12 ms against 1.7 ms to write it, twice the whole step of
-# the 3-D conv in benchmarks/layers.py, and each 7 MiB temporary of the 2-D case about 2.5 ms.
-# Training that drops its gradients (`zero_grad(set_to_none=True)`) then writes into the same
-# pages at every step. Keyed by `id(weight)`, with a weak reference that drops the entry when
-# the weight dies (a WeakKeyDictionary would compare tensors with `==`).
+# Arrays reused from one step to the next, per weight and slot (the LC keeps only its weight
+# gradient: keeping its activation-sized temporaries too saved 2-4% of the 2-D step and nothing
+# in 3-D, not worth three activation-sized arrays held per layer between steps). A fresh array
+# above glibc's mmap threshold (32 MiB at most) is page-faulted in at every use: a fresh 36 MiB
+# weight gradient took 12 ms against 1.7 ms to write it, twice the whole step of the 3-D conv
+# in benchmarks/layers.py. Training that drops its gradients (`zero_grad(set_to_none=True)`)
+# then writes into the same pages at every step. Keyed by `id(weight)`, with a weak reference
+# that drops the entry when the weight dies (a WeakKeyDictionary would compare tensors with
+# `==`).
 _BUFFERS: dict[int, tuple[weakref.ref[Tensor], dict[str, Tensor]]] = {}
 # How many references a storage has (private; without it buffers are never reused).
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
@@ -383,8 +383,9 @@ class _LocallyConnectedFunction(torch.autograd.Function):
 
     Traced or compiled calls copy position-major windows with chained `Tensor.unfold` (one copy
     per chunk) and put the input gradient back with one strided add per kernel tap. The backward
-    copies the windows again rather than keeping them all; large temporaries (the transposed
-    input, output and input gradient) are kept with the weight and reused (:func:`_buffer`).
+    copies the windows again rather than keeping them all (keeping the 33 MiB of windows of the
+    N=64 case in benchmarks/layers.py made the step 10% slower: the products then read them
+    from memory instead of cache).
     """
 
     @staticmethod
@@ -406,19 +407,14 @@ class _LocallyConnectedFunction(torch.autograd.Function):
         per_row = batch // out_sp[0]  # blocks per row of the first output axis
 
         eager = _eager(xp, weight)
-        buf_x = _buffer(weight, "input", (xp.numel(),), xp) if eager and n > 1 else None
-        xt = _transpose(xp, n, buf_x).view(c_in, *padded, n)
+        xt = _transpose(xp, n).view(c_in, *padded, n)
         mat = weight.reshape(batch, cout_g, -1)
         rows = None
         if bias is not None and n > 1 and not eager:
             rows = bias.reshape(c_out, -1).t().reshape(batch, 1, cout_g)
         # Chunks write into one array; tracers (torch.export) refuse out= on tensors that
         # require grad, so they get a concatenation instead.
-        y = None
-        if eager and n > 1:
-            y = _buffer(weight, "out", (batch, n, cout_g), xp)
-        elif eager:  # small: no need to keep it
-            y = xp.new_empty(batch, n, cout_g)
+        y = xp.new_empty(batch, n, cout_g) if eager else None
         parts = []
         per_position = groups * mat.shape[2] * n * xp.element_size()
         chunks = _row_chunks(out_sp, per_position)
@@ -503,15 +499,14 @@ class _LocallyConnectedFunction(torch.autograd.Function):
         per_row = batch // out_sp[0]
 
         # (N, C_out, *out) -> (P*G, N, C_out/g); with one group and a small batch a chunk at a
-        # time, in cache (see forward); otherwise at once, tile by tile, into a kept buffer.
+        # time, in cache (see forward); otherwise at once, tile by tile.
         g2d = None
         if groups == 1 and _eager(grad) and n < _ROW_BATCH:
             g2d = grad.reshape(n * c_out, batch)
         gy = gbuf = None
         if g2d is None:
             if groups == 1:
-                buf_y = _buffer(weight, "out", (batch, n, cout_g), grad) if n > 1 else None
-                gy = _transpose(grad, n * c_out, buf_y).view(batch, n, cout_g)
+                gy = _transpose(grad, n * c_out).view(batch, n, cout_g)
             else:
                 gy = grad.reshape(n, groups, cout_g, -1).permute(3, 1, 0, 2).contiguous()
                 gy = gy.view(batch, n, cout_g)
@@ -522,9 +517,7 @@ class _LocallyConnectedFunction(torch.autograd.Function):
         want_w, want_x = ctx.needs_input_grad[1], ctx.needs_input_grad[0]
         if want_w:
             grad_w = _weight_grad_buffer(weight, tuple(mat.shape))
-        gxs = None
-        if want_x:
-            gxs = _buffer(weight, "input_grad", (groups, cin_g, *padded, n), grad).zero_()
+        gxs = grad.new_zeros(groups, cin_g, *padded, n) if want_x else None
         small = n <= _SMALL_BATCH
         kg = mat.shape[2]
         per_position = groups * kg * n * grad.element_size()
