@@ -401,6 +401,7 @@ class _LocallyConnectedFunction(torch.autograd.Function):
     ) -> Tensor:
         ndim = len(kernel)
         n, c_in, padded = xp.shape[0], xp.shape[1], tuple(xp.shape[2:])
+        has_bias = bias is not None
         out_sp = tuple(weight.shape[:ndim])
         c_out = weight.shape[ndim]
         batch, cout_g = math.prod(out_sp) * groups, c_out // groups
@@ -422,10 +423,11 @@ class _LocallyConnectedFunction(torch.autograd.Function):
         if y is not None and n == 1:
             # Matrix-vector products: stream the weights once, no weight-sized temporary (the
             # bias is added to the output below). The windows are gathered with precomputed
-            # indices (`index_select` moves 4-byte items at about 1.5 ns each; strided copies
-            # of 3-number kernel rows are twice as slow) into `(P_rows*G, 1, C_in/g*K)`: each
-            # block a unit-stride row vector, which `torch.bmm` multiplies at the speed of
-            # reading the kernels.
+            # indices (`index_select`: about 0.7 ns per number, where strided copies of
+            # 3-number kernel rows take 1.15) into `(P_rows*G, 1, C_in/g*K)`: each block a
+            # unit-stride row vector, which `torch.bmm` multiplies at the speed of reading the
+            # kernels (twice that when the vector's strides are ambiguous, as a transposed
+            # column's are).
             index = _window_rows(c_in, padded, kernel, stride, dilation, groups, step)
             index = index.to(xt.device)
             flat, plane = xt.view(-1), stride[0] * math.prod(padded[1:])
@@ -473,7 +475,12 @@ class _LocallyConnectedFunction(torch.autograd.Function):
         if y is None:
             y = parts[0] if len(parts) == 1 else torch.cat(parts)
         # y: (P*G, N, C_out/g) -> (N, C_out, *out)
-        if groups == 1:
+        if groups == 1 and n == 1 and bias is not None and eager:
+            # small: transposed and added to the bias in one pass
+            out = xp.new_empty(n, c_out, *out_sp)
+            torch.add(bias, y.view(batch, c_out).t().view(bias.shape), out=out[0])
+            bias = None
+        elif groups == 1:
             out = _transpose(y, batch).view(n, c_out, *out_sp)
         else:
             out = y.view(-1, groups, n, cout_g).permute(2, 1, 3, 0).contiguous()
@@ -483,7 +490,7 @@ class _LocallyConnectedFunction(torch.autograd.Function):
 
         # The input is only needed again for the weight gradient (its windows are recopied).
         ctx.save_for_backward(xt if ctx.needs_input_grad[1] else None, weight)
-        ctx.geometry = (padded, kernel, stride, dilation, groups, bias is not None)
+        ctx.geometry = (padded, kernel, stride, dilation, groups, has_bias)
         return out
 
     @staticmethod
