@@ -475,12 +475,7 @@ class _LocallyConnectedFunction(torch.autograd.Function):
         if y is None:
             y = parts[0] if len(parts) == 1 else torch.cat(parts)
         # y: (P*G, N, C_out/g) -> (N, C_out, *out)
-        if groups == 1 and n == 1 and bias is not None and eager:
-            # small: transposed and added to the bias in one pass
-            out = xp.new_empty(n, c_out, *out_sp)
-            torch.add(bias, y.view(batch, c_out).t().view(bias.shape), out=out[0])
-            bias = None
-        elif groups == 1:
+        if groups == 1:
             out = _transpose(y, batch).view(n, c_out, *out_sp)
         else:
             out = y.view(-1, groups, n, cout_g).permute(2, 1, 3, 0).contiguous()
