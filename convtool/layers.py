@@ -500,11 +500,9 @@ class _LocallyConnectedFunction(torch.autograd.Function):
         batch, cout_g = math.prod(out_sp) * groups, c_out // groups
         per_row = batch // out_sp[0]
 
-        # (N, C_out, *out) -> (P*G, N, C_out/g); with one group and a small batch a chunk at a
-        # time, in cache (see forward); otherwise at once, tile by tile.
-        g2d = None
-        if groups == 1 and _eager(grad) and n < _ROW_BATCH:
-            g2d = grad.reshape(n * c_out, batch)
+        # (N, C_out, *out) -> (P*G, N, C_out/g); with one group a chunk at a time, in cache
+        # (see forward).
+        g2d = grad.reshape(n * c_out, batch) if groups == 1 and _eager(grad) else None
         gy = gbuf = None
         if g2d is None:
             if groups == 1:
