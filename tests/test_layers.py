@@ -614,3 +614,21 @@ def test_lc_bfloat16_values_and_gradients_follow_the_conv(n):
     gw = lc.weight.grad.double().sum((0, 1))
     scale = conv.weight.grad.abs().max().item()
     torch.testing.assert_close(gw, conv.weight.grad, atol=0.03 * scale, rtol=0.05)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_stacked_matmul_over_two_batch_dims_into_a_strided_out(dtype):
+    """Two batch dims (positions, groups), `out` a permuted view of a tap-major buffer: numpy
+    writes into it in place; other dtypes go through torch and are copied in."""
+    from convtool.layers import _matmuls
+
+    torch.manual_seed(0)
+    a = torch.randn(3, 2, 6, 4, dtype=torch.float64).to(dtype).transpose(2, 3)  # (3, 2, 4, 6)
+    b = torch.randn(3, 2, 6, 5, dtype=dtype)
+    buf = torch.zeros(2, 4, 3, 5, dtype=dtype)  # (G, R, P, M): row stride P*M
+    out = buf.permute(2, 0, 1, 3)  # (P, G, R, M)
+    expected = torch.einsum("pgrk,pgkm->pgrm", a.double(), b.double())
+    _matmuls(a, b, out=out)
+    tol = {"atol": 1e-10, "rtol": 1e-10} if dtype == torch.float64 else {"atol": 0.1, "rtol": 0.05}
+    torch.testing.assert_close(out.double(), expected, **tol)
+    torch.testing.assert_close(buf.permute(2, 0, 1, 3).double(), expected, **tol)
