@@ -1,7 +1,7 @@
 """LC and FC layers: speed and peak memory against the usual LC code and against the conv.
 
-Run: ``PYTHONPATH=. python benchmarks/layers.py [--threads 1] [--targets-only]`` (about 1-2
-minutes on 2 cores).
+Run: ``PYTHONPATH=. python benchmarks/layers.py [--threads 1] [--targets-only] [--breakdown]``
+(about 1-2 minutes on 2 cores; ``--breakdown`` adds the LC step's time per op).
 
 * The LC targets: forward at N=1 against the time to read the weights once (the smaller of
   `weight.sum()` and `dot(w, w)`, measured in the same run): <= 1.5x; forward+backward at N=64
@@ -255,6 +255,25 @@ def targets_section() -> None:
         )
 
 
+def breakdown_section(steps: int = 3, top: int = 9) -> None:
+    """Where an LC training step spends its time: self time per op and step (torch.profiler).
+
+    numpy's products (the weight gradient, small-batch products) run inside the autograd
+    Function and show up as its own time.
+    """
+    print("== LC step breakdown (self time per step, torch.profiler; numpy inside the Function)")
+    for case in (TARGET, "3d N=8 8->16 16^3 k3"):
+        module, x, g = build(case, "lc")
+        step(module, x, g)
+        with torch.profiler.profile() as prof:
+            for _ in range(steps):
+                step(module, x, g)
+        rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in rows) / steps / 1e3
+        cells = ", ".join(f"{e.key} {e.self_cpu_time_total / steps / 1e3:.1f}" for e in rows[:top])
+        print(f"-- {case}: {total:.1f} ms (profiled): {cells}")
+
+
 def _met(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
@@ -294,6 +313,9 @@ def main() -> None:
     parser.add_argument("--peak-memory", nargs=2, metavar=("CASE", "IMPL"))
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--targets-only", action="store_true", help="only the LC target ratios")
+    parser.add_argument(
+        "--breakdown", action="store_true", help="also print where an LC step spends its time"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -312,6 +334,8 @@ def main() -> None:
         )
     start = time.perf_counter()
     targets_section()
+    if args.breakdown:
+        breakdown_section()
     if not args.targets_only:
         lc_section()
         fc_section()

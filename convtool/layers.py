@@ -7,22 +7,35 @@
   `nn.Linear`) or torch-sparse (a fixed buffer).
 
 How the LC layer is computed (numbers in ``benchmarks/layers.py``): the input is padded once
-with `F.pad` (in the padding mode), transposed to `(C_in, *spatial, N)` and cut into windows with
-chained `Tensor.unfold`, giving one `(C_in/g * K, N)` block per (position, group); one
-`torch.bmm` against the per-position kernels gives the output. This runs a few output rows at a
-time, so the windows stay in cache (the backward copies them again instead of keeping them). At
-N=1 the products are matrix-vector products, done by numpy's stacked matmul on ordinary CPU
-tensors (about the time to read the weights; `torch.bmm` takes twice that). The backward is written
-out (:class:`_LocallyConnectedFunction`): autograd's own would hand `bmm` gradients with no unit
-stride, which it multiplies one matrix at a time, and undo the windows with `unfold_backward`,
-making a training step about 2.5x slower than the explicit transposes and tap loop used here.
-The weight gradient is numpy's stacked matmul too (up to 1.5x faster than `torch.bmm` on these
-small blocks) and is written into the previous step's buffer once nothing holds that any more
-(:func:`_weight_grad_buffer`): a fresh weight-sized array costs page faults at every step.
+with `F.pad` (in the padding mode) and transposed to `(C_in, *padded, N)`; then, a few output
+rows at a time (so they stay in cache), the windows of those rows are built and multiplied with
+the per-position kernels as batched matrix products, one block per (position, group). How the
+windows are built depends on the batch (see :class:`_LocallyConnectedFunction`):
+
+* N=1: gathered with cached indices (`index_select`, about 0.7 ns per number against 1.15 for
+  strided copies of 3-number kernel rows) into unit-stride row vectors, which `torch.bmm`
+  multiplies at the speed of reading the weights (it is about 2x slower on a vector with
+  ambiguous strides). The forward is then about 1.4x one read of the weights.
+* large batches (N >= 32): gathered the same way as rows of N numbers; the input gradient goes
+  back with `index_add_` on the same indices (2.5 ms against 3.7 for one slab add per kernel
+  tap at N=64, 16->32, 32x32).
+* small batches: tap-major windows `(C_in, *kernel, positions, N)`, copied as one shifted slab
+  of the input per tap (long unit-stride runs, where a position-major copy moves runs of N) and
+  added back the same way; the products read each block with a row stride.
+
+The backward is written out (:class:`_LocallyConnectedFunction`): autograd's own would hand
+`bmm` gradients with no unit stride, which it multiplies one matrix at a time, and undo the
+windows with `unfold_backward`. The weight gradient is numpy's stacked matmul (up to 1.5x faster
+than `torch.bmm` on these small blocks) and is written into the previous step's array once
+nothing holds it any more (:func:`_buffer`): a fresh array above glibc's mmap threshold costs
+page faults at every step. At N=64 the three products take about as long as the whole conv
+step; the transposes between the `(N, C, *spatial)` layout and the per-position blocks, the
+window gathers (twice: forward and backward) and the input-gradient scatter make up the rest.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import weakref
@@ -48,6 +61,10 @@ __all__ = [
 _SPARSE_LAYOUTS = (torch.sparse_coo, torch.sparse_csr)
 # Batch size up to which the LC input gradient uses the (positions, N, taps) product layout.
 _SMALL_BATCH = 16
+# Batch size from which the LC gathers its windows as rows of N numbers (position-major, where
+# the products run fastest); below it, tap-major slabs (cheaper to copy and to add back when
+# rows are short).
+_ROW_BATCH = 32
 
 
 def _shape_str(shape: Sequence[int]) -> str:
@@ -119,33 +136,37 @@ def _plain_cpu(*tensors: Tensor) -> bool:
 
 
 def _blas_layout(t: Tensor) -> bool:
-    """True when each matrix of `t (B, R, C)` is a BLAS operand as it lies (one of its last two
-    strides 1, the other at least the row length): numpy's stacked matmul then calls BLAS per
-    block; on other layouts it falls back to a loop far slower than `torch.bmm`."""
-    rs, cs = t.stride(1), t.stride(2)
-    return (cs == 1 and rs >= max(1, t.shape[2])) or (rs == 1 and cs >= max(1, t.shape[1]))
+    """True when each matrix of `t (..., R, C)` is a BLAS operand as it lies (one of its last
+    two strides 1, the other at least the row length): numpy's stacked matmul then calls BLAS
+    per block; on other layouts it falls back to a loop far slower than `torch.bmm`."""
+    rs, cs = t.stride(-2), t.stride(-1)
+    return (cs == 1 and rs >= max(1, t.shape[-1])) or (rs == 1 and cs >= max(1, t.shape[-2]))
 
 
 def _matmuls(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
-    """`a (B, R, K) @ b (B, K, M)` -> `(B, R, M)` (into `out`, contiguous, if given): one matrix
-    product per block.
+    """`a (..., R, K) @ b (..., K, M)` -> `(..., R, M)` (into `out`, which may be a strided view,
+    if given): one matrix product per block, over one or more batch dims.
 
-    For ordinary CPU tensors in BLAS layouts this is numpy's stacked matmul, which calls BLAS
-    once per block with little overhead: at `R = 1` (vector-matrix products) about the time to
-    read `b`, where `torch.bmm` takes about twice that; on the small blocks of a
-    locally-connected layer (`R` up to 64) it is still up to 1.5x faster than `torch.bmm` for
-    the weight gradient. Otherwise `torch.bmm`.
+    For ordinary CPU tensors whose blocks are BLAS matrices as they lie (`out`'s too) this is
+    numpy's stacked matmul, which calls BLAS once per block with little overhead and writes
+    into `out` in place, whatever its batch strides: at `R = 1` (vector-matrix products) about
+    the time to read `b`; on the small blocks of a locally-connected layer up to 1.5x faster
+    than `torch.bmm`, which also cannot write into a strided `out`. Otherwise torch.
     """
     if (
         not _plain_cpu(a, b)
         or a.dtype != b.dtype
         or not (_blas_layout(a) and _blas_layout(b))
-        or (out is not None and (out.dtype != a.dtype or not out.is_contiguous()))
+        or (out is not None and (out.dtype != a.dtype or not _blas_layout(out)))
     ):
-        return torch.bmm(a, b, out=out)
+        if a.dim() == 3 and (out is None or out.is_contiguous()):
+            return torch.bmm(a, b, out=out)
+        if out is None:
+            return torch.matmul(a, b)
+        return out.copy_(torch.matmul(a, b))
     if out is None:
-        out = torch.empty((a.shape[0], a.shape[1], b.shape[2]), dtype=a.dtype)
-    np.matmul(a.detach().numpy(), b.detach().numpy(), out=out.numpy())
+        out = torch.empty((*a.shape[:-1], b.shape[-1]), dtype=a.dtype)
+    np.matmul(a.detach().numpy(), b.detach().numpy(), out=out.detach().numpy())
     return out
 
 
@@ -201,38 +222,140 @@ def _windows(
     return win.reshape(-1, (c_in // groups) * math.prod(kernel), n)
 
 
-# The weight gradient's buffer per weight, reused while nothing else holds its storage. A
-# fresh weight-sized array is page-faulted in on every backward (glibc maps arrays above 32 MiB
-# afresh each time): 36 MiB took 12 ms against 1.7 ms to write it, twice the whole step of
-# the 3-D conv in benchmarks/layers.py. Training that drops its gradients
-# (`zero_grad(set_to_none=True)`) then writes into the same pages at every step.
-# Keyed by `id(weight)`, with a weak reference that drops the entry when the weight dies (a
-# WeakKeyDictionary would compare tensors with `==`).
-_GRAD_BUFFERS: dict[int, tuple[weakref.ref[Tensor], Tensor]] = {}
+@functools.lru_cache(maxsize=32)
+def _window_rows(
+    c_in: int,
+    padded: tuple[int, ...],
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+    groups: int,
+    rows: int,
+) -> Tensor:
+    """Where the windows of the first `rows` output rows (first axis) read the input.
+
+    Returns flat indices into one padded sample `(C_in, *padded)`, ordered like the weight:
+    `(rows, *out[1:], G, C_in/g, *kernel)` flattened. Windows are translation invariant, so
+    the same indices serve every later row chunk read from an input shifted by the chunk's first
+    row (the forward reads them from the input's rows past that row's start); only the first
+    chunk's worth is built.
+    """
+    ndim = len(kernel)
+    span = (rows - 1) * stride[0] + dilation[0] * (kernel[0] - 1) + 1
+    win = torch.arange(c_in * math.prod(padded)).view(c_in, *padded).narrow(1, 0, span)
+    for axis in range(ndim):
+        win = win.unfold(axis + 1, dilation[axis] * (kernel[axis] - 1) + 1, stride[axis])
+    every: tuple[Any, ...] = (..., *(slice(None, None, d) for d in dilation))
+    win = win[every].unflatten(0, (groups, c_in // groups))  # (G, C_in/g, *out, *k)
+    return win.permute(*range(2, ndim + 2), 0, 1, *range(ndim + 2, 2 * ndim + 2)).flatten()
+
+
+def _tap_windows(
+    xt: Tensor,
+    rows: tuple[int, int],
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+    out: Tensor,
+) -> Tensor:
+    """Windows of output rows `rows` of `xt (C_in, *padded, N)`, tap-major, copied into the
+    start of the flat buffer `out`.
+
+    Returns that part of `out` viewed as `(C_in, *kernel, P_rows, N)`: for each input channel
+    and kernel tap, the input samples that tap reads at every position of the chunk, one
+    shifted slab of the input each. One copy moves runs of `W_out * N` numbers (stride 1), where a
+    position-major layout would move runs of `kernel[-1]` or `N`. Position `p`'s window (the
+    rows of one group) is then a `(C_in/g * K, N)` matrix with row stride `P_rows * N`, a BLAS
+    operand as it lies.
+    """
+    ndim = len(kernel)
+    c_in, n = xt.shape[0], xt.shape[-1]
+    lo, hi = rows
+    span = (hi - lo - 1) * stride[0] + dilation[0] * (kernel[0] - 1) + 1
+    win = xt.narrow(1, lo * stride[0], span)
+    for axis in range(ndim):
+        win = win.unfold(axis + 1, dilation[axis] * (kernel[axis] - 1) + 1, stride[axis])
+    if any(d > 1 for d in dilation):
+        every: tuple[Any, ...] = (..., *(slice(None, None, d) for d in dilation))
+        win = win[every]
+    # (C_in, *out, N, *k) -> (C_in, *k, *out, N)
+    win = win.permute(0, *range(ndim + 2, 2 * ndim + 2), *range(1, ndim + 2))
+    out = out[: win.numel()].view(win.shape)
+    out.copy_(win)
+    return out.view(c_in, *kernel, -1, n)
+
+
+def _tap_col2im(
+    gxs: Tensor,
+    gcols: Tensor,
+    rows: tuple[int, int],
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+    out_sp: tuple[int, ...],
+) -> None:
+    """Adds tap-major window gradients `gcols (C_in, *kernel, P_rows, N)` of output rows `rows`
+    back into `gxs (C_in, *padded, N)`: one add per kernel tap, of a whole slab (the inverse of
+    :func:`_tap_windows`)."""
+    ndim = len(stride)
+    kernel = tuple(gcols.shape[1 : ndim + 1])
+    lo, hi = rows
+    chunk_sp = (hi - lo, *out_sp[1:])
+    slabs = gcols.view(*gcols.shape[: ndim + 1], *chunk_sp, gcols.shape[-1])
+    for tap in itertools.product(*(range(k) for k in kernel)):
+        window: tuple[Any, ...] = tuple(
+            slice(t * d + a * s, t * d + s * (a + o - 1) + 1, s)
+            for t, d, s, o, a in zip(
+                tap, dilation, stride, chunk_sp, (lo,) + (0,) * (ndim - 1), strict=True
+            )
+        )
+        at: tuple[Any, ...] = (slice(None), *tap)
+        gxs[(slice(None), *window)].add_(slabs[at])
+
+
+# Arrays reused from one step to the next, per weight and slot (the LC keeps only its weight
+# gradient: keeping its activation-sized temporaries too saved 2-4% of the 2-D step and nothing
+# in 3-D, not worth three activation-sized arrays held per layer between steps). A fresh array
+# above glibc's mmap threshold (32 MiB at most) is page-faulted in at every use: a fresh 36 MiB
+# weight gradient took 12 ms against 1.7 ms to write it, twice the whole step of the 3-D conv
+# in benchmarks/layers.py. Training that drops its gradients (`zero_grad(set_to_none=True)`)
+# then writes into the same pages at every step. Keyed by `id(weight)`, with a weak reference
+# that drops the entry when the weight dies (a WeakKeyDictionary would compare tensors with
+# `==`).
+_BUFFERS: dict[int, tuple[weakref.ref[Tensor], dict[str, Tensor]]] = {}
 # How many references a storage has (private; without it buffers are never reused).
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 
-def _weight_grad_buffer(weight: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """An uninitialised `(shape)` array for the gradient of `weight`, reusing the previous one
-    when no tensor but the cache's own refers to its storage any more."""
-    if not _plain_cpu(weight):
-        return weight.new_empty(shape)
-    entry = _GRAD_BUFFERS.get(id(weight))
+def _buffer(weight: Tensor, slot: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """An uninitialised `(shape)` array (dtype and device of `like`) kept with `weight` under
+    `slot`, reusing the previous one when no tensor but the cache's own refers to its storage
+    any more (a gradient handed out earlier, or an input still saved for a backward, is never
+    overwritten)."""
+    if not (_plain_cpu(weight) and _plain_cpu(like)):
+        return like.new_empty(shape)
+    key = id(weight)
+    entry = _BUFFERS.get(key)
+    if entry is None or entry[0]() is not weight:
+        entry = (weakref.ref(weight, lambda _: _BUFFERS.pop(key, None)), {})
+        _BUFFERS[key] = entry
+    buf = entry[1].get(slot)
     # Two references when free: the cached tensor's and the temporary storage object's.
     if (
-        entry is not None
-        and entry[0]() is weight
-        and tuple(entry[1].shape) == shape
-        and entry[1].dtype == weight.dtype
+        buf is not None
+        and tuple(buf.shape) == shape
+        and buf.dtype == like.dtype
         and _use_count is not None
-        and _use_count(entry[1].untyped_storage()._cdata) <= 2
+        and _use_count(buf.untyped_storage()._cdata) <= 2
     ):
-        return entry[1]
-    buf = weight.new_empty(shape)
-    key = id(weight)
-    _GRAD_BUFFERS[key] = (weakref.ref(weight, lambda _: _GRAD_BUFFERS.pop(key, None)), buf)
+        return buf
+    buf = like.new_empty(shape)
+    entry[1][slot] = buf
     return buf
+
+
+def _weight_grad_buffer(weight: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """An uninitialised `(shape)` array for the gradient of `weight` (see :func:`_buffer`)."""
+    return _buffer(weight, "grad", shape, weight)
 
 
 class _LocallyConnectedFunction(torch.autograd.Function):
@@ -243,11 +366,26 @@ class _LocallyConnectedFunction(torch.autograd.Function):
     Output: `(N, C_out, *out)`, contiguous.
 
     With `P` positions, `G` groups and `K` kernel taps: the input is transposed once to
-    `(C_in, *padded, N)`. Then, a few output rows at a time (:data:`_CHUNK_BYTES`), their
-    windows are copied into `cols (P_rows*G, C_in/g*K, N)` (moving runs of `k*N` numbers) and
-    the forward and both gradients are one batched matmul each over those blocks; the input
-    gradient is put back with one strided add per kernel tap. Working a few rows at a time keeps
-    the windows in cache, and the backward copies them again rather than keeping them all.
+    `(C_in, *padded, N)`. Then, a few output rows at a time (:data:`_CHUNK_BYTES`), the windows
+    of those rows are built and the forward and both gradients are one batched matmul each over
+    the per-position blocks; the input gradient is put back into the input's layout. The windows
+    are laid out three ways, by case (all eager, i.e. not traced):
+
+    * `N = 1`: gathered with cached indices (:func:`_window_rows`, `index_select`) into
+      `(P_rows*G, 1, C_in/g*K)`: unit-stride row vectors that `torch.bmm` multiplies at the
+      speed of reading the kernels. The backward uses the traced path's layout below.
+    * `N >=` :data:`_ROW_BATCH`: gathered the same way as rows of `N` numbers into
+      `(P_rows*G, C_in/g*K, N)`; the input gradient is put back with `index_add_` on the same
+      indices.
+    * otherwise tap-major (:func:`_tap_windows`): `(C_in, *kernel, P_rows, N)`, one slab copy
+      per chunk and one slab add per tap back (:func:`_tap_col2im`); the products read each
+      block with a row stride, through numpy's stacked matmul.
+
+    Traced or compiled calls copy position-major windows with chained `Tensor.unfold` (one copy
+    per chunk) and put the input gradient back with one strided add per kernel tap. The backward
+    copies the windows again rather than keeping them all (keeping the 33 MiB of windows of the
+    N=64 case in benchmarks/layers.py made the step 10% slower: the products then read them
+    from memory instead of cache).
     """
 
     @staticmethod
@@ -263,34 +401,77 @@ class _LocallyConnectedFunction(torch.autograd.Function):
     ) -> Tensor:
         ndim = len(kernel)
         n, c_in, padded = xp.shape[0], xp.shape[1], tuple(xp.shape[2:])
+        has_bias = bias is not None
         out_sp = tuple(weight.shape[:ndim])
         c_out = weight.shape[ndim]
         batch, cout_g = math.prod(out_sp) * groups, c_out // groups
         per_row = batch // out_sp[0]  # blocks per row of the first output axis
 
+        eager = _eager(xp, weight)
         xt = _transpose(xp, n).view(c_in, *padded, n)
         mat = weight.reshape(batch, cout_g, -1)
         rows = None
-        if bias is not None and n > 1:
+        if bias is not None and n > 1 and not eager:
             rows = bias.reshape(c_out, -1).t().reshape(batch, 1, cout_g)
         # Chunks write into one array; tracers (torch.export) refuse out= on tensors that
         # require grad, so they get a concatenation instead.
-        y = xp.new_empty(batch, n, cout_g) if _eager(xp, weight) else None
+        y = xp.new_empty(batch, n, cout_g) if eager else None
         parts = []
         per_position = groups * mat.shape[2] * n * xp.element_size()
-        for lo, hi in _row_chunks(out_sp, per_position):
-            cols = _windows(xt, (lo, hi), kernel, stride, dilation, groups)
-            part = slice(lo * per_row, hi * per_row)
-            dest = None if y is None else y[part]
-            if n == 1:
-                # Matrix-vector products: stream the weights once, no weight-sized temporary
-                # (the bias is added to the output below).
-                parts.append(_matmuls(cols.transpose(1, 2), mat[part].transpose(1, 2), dest))
-            elif rows is None:
-                parts.append(torch.bmm(cols.transpose(1, 2), mat[part].transpose(1, 2), out=dest))
-            else:
-                a, b = cols.transpose(1, 2), mat[part].transpose(1, 2)
-                parts.append(torch.baddbmm(rows[part], a, b, out=dest))
+        chunks = _row_chunks(out_sp, per_position)
+        step = chunks[0][1]  # rows in the first (largest) chunk
+        if y is not None and n == 1:
+            # Matrix-vector products: stream the weights once, no weight-sized temporary (the
+            # bias is added to the output below). The windows are gathered with precomputed
+            # indices (`index_select`: about 0.7 ns per number, where strided copies of
+            # 3-number kernel rows take 1.15) into `(P_rows*G, 1, C_in/g*K)`: each block a
+            # unit-stride row vector, which `torch.bmm` multiplies at the speed of reading the
+            # kernels (twice that when the vector's strides are ambiguous, as a transposed
+            # column's are).
+            index = _window_rows(c_in, padded, kernel, stride, dilation, groups, step)
+            index = index.to(xt.device)
+            flat, plane = xt.view(-1), stride[0] * math.prod(padded[1:])
+            buf = xp.new_empty(index.numel())
+            for lo, hi in chunks:
+                part = slice(lo * per_row, hi * per_row)
+                size = (hi - lo) * per_row * mat.shape[2]
+                cols = torch.index_select(flat[lo * plane :], 0, index[:size], out=buf[:size])
+                a = cols.view(-1, 1, mat.shape[2])
+                torch.bmm(a, mat[part].transpose(1, 2), out=y[part])
+        elif y is not None and n >= _ROW_BATCH:
+            # Windows gathered as rows of N numbers into `(P_rows*G, C_in/g*K, N)`.
+            index = _window_rows(c_in, padded, kernel, stride, dilation, groups, step)
+            index = index.to(xt.device)
+            rows2d, plane = xt.view(-1, n), stride[0] * math.prod(padded[1:])
+            buf = xp.new_empty(index.numel(), n)
+            for lo, hi in chunks:
+                part = slice(lo * per_row, hi * per_row)
+                size = (hi - lo) * per_row * mat.shape[2]
+                cols = torch.index_select(rows2d[lo * plane :], 0, index[:size], out=buf[:size])
+                a = cols.view(-1, mat.shape[2], n).transpose(1, 2)
+                torch.bmm(a, mat[part].transpose(1, 2), out=y[part])
+        elif y is not None:
+            # Tap-major windows (see _tap_windows): cheap to copy and to add back; the
+            # products read them with a row stride (numpy's stacked matmul on plain CPU
+            # tensors, torch otherwise). Bias added to the output below.
+            cin_g, k = c_in // groups, math.prod(kernel)
+            buf = xp.new_empty(step * per_row * mat.shape[2] * n)
+            for lo, hi in chunks:
+                part = slice(lo * per_row, hi * per_row)
+                taps = _tap_windows(xt, (lo, hi), kernel, stride, dilation, buf)
+                # (G, C_in/g*K, P_rows, N) -> (P_rows, G, N, C_in/g*K)
+                a = taps.view(groups, cin_g * k, -1, n).permute(2, 0, 3, 1)
+                b = mat[part].view(-1, groups, cout_g, cin_g * k).transpose(2, 3)
+                _matmuls(a, b, out=y[part].view(-1, groups, n, cout_g))
+        else:
+            for lo, hi in chunks:
+                cols = _windows(xt, (lo, hi), kernel, stride, dilation, groups)
+                part = slice(lo * per_row, hi * per_row)
+                if rows is None:
+                    parts.append(torch.bmm(cols.transpose(1, 2), mat[part].transpose(1, 2)))
+                else:
+                    a, b = cols.transpose(1, 2), mat[part].transpose(1, 2)
+                    parts.append(torch.baddbmm(rows[part], a, b))
         if y is None:
             y = parts[0] if len(parts) == 1 else torch.cat(parts)
         # y: (P*G, N, C_out/g) -> (N, C_out, *out)
@@ -299,12 +480,12 @@ class _LocallyConnectedFunction(torch.autograd.Function):
         else:
             out = y.view(-1, groups, n, cout_g).permute(2, 1, 3, 0).contiguous()
             out = out.view(n, c_out, *out_sp)
-        if bias is not None and n == 1:
+        if bias is not None and rows is None:
             out = out.add_(bias)
 
         # The input is only needed again for the weight gradient (its windows are recopied).
         ctx.save_for_backward(xt if ctx.needs_input_grad[1] else None, weight)
-        ctx.geometry = (padded, kernel, stride, dilation, groups, bias is not None)
+        ctx.geometry = (padded, kernel, stride, dilation, groups, has_bias)
         return out
 
     @staticmethod
@@ -338,8 +519,23 @@ class _LocallyConnectedFunction(torch.autograd.Function):
             grad_w = _weight_grad_buffer(weight, tuple(mat.shape))
         gxs = grad.new_zeros(groups, cin_g, *padded, n) if want_x else None
         small = n <= _SMALL_BATCH
-        per_position = groups * mat.shape[2] * n * grad.element_size()
-        for lo, hi in _row_chunks(out_sp, per_position) if want_w or want_x else []:
+        kg = mat.shape[2]
+        per_position = groups * kg * n * grad.element_size()
+        chunks = _row_chunks(out_sp, per_position) if want_w or want_x else []
+        # Tap-major windows and window gradients (see forward) where nothing is traced; at N=1
+        # the position-major products below (outer products, vector-matrix products).
+        tapped = n > 1 and bool(chunks) and _eager(grad, weight) and (xt is None or _eager(xt))
+        gathered = tapped and n >= _ROW_BATCH
+        if tapped:
+            size = chunks[0][1] * per_row * kg * n
+            wbuf = grad.new_empty(size) if want_w else None
+            xbuf = grad.new_empty(size) if want_x else None
+        if gathered:
+            c_in, step = groups * cin_g, chunks[0][1]
+            index = _window_rows(c_in, padded, kernel, stride, dilation, groups, step)
+            index = index.to(grad.device)
+            plane = stride[0] * math.prod(padded[1:])
+        for lo, hi in chunks:
             part = slice(lo * per_row, hi * per_row)
             if g2d is not None:
                 if gbuf is None:  # the first chunk is the largest
@@ -350,6 +546,44 @@ class _LocallyConnectedFunction(torch.autograd.Function):
             else:
                 assert gy is not None
                 gy_part = gy[part]
+            if gathered:
+                rows = slice(lo * plane, None)
+                size = (hi - lo) * per_row * kg
+                if grad_w is not None:
+                    assert wbuf is not None and xt is not None
+                    cols = wbuf[: size * n].view(size, n)
+                    torch.index_select(xt.view(-1, n)[rows], 0, index[:size], out=cols)
+                    a = gy_part.transpose(1, 2)
+                    _matmuls(a, cols.view(-1, kg, n).transpose(1, 2), out=grad_w[part])
+                if gxs is not None:
+                    assert xbuf is not None
+                    gcols = xbuf[: size * n].view(-1, kg, n)
+                    torch.bmm(mat[part].transpose(1, 2), gy_part.transpose(1, 2), out=gcols)
+                    gxs.view(-1, n)[rows].index_add_(0, index[:size], gcols.view(size, n))
+                continue
+            if tapped:
+                # (P_rows, G, C_out/g, N): the output gradient of each block, transposed
+                gyt = gy_part.view(-1, groups, n, cout_g).transpose(2, 3)
+                count = (hi - lo) * per_row * kg * n
+                if grad_w is not None:
+                    assert wbuf is not None
+                    slabs = _tap_windows(xt, (lo, hi), kernel, stride, dilation, wbuf[:count])
+                    b = slabs.view(groups, kg, -1, n).permute(2, 0, 3, 1)
+                    _matmuls(gyt, b, out=grad_w[part].view(-1, groups, cout_g, kg))
+                if gxs is not None:
+                    assert xbuf is not None
+                    gtaps = xbuf[:count].view(groups, kg, -1, n)
+                    a = mat[part].view(-1, groups, cout_g, kg).transpose(2, 3)
+                    _matmuls(a, gyt, out=gtaps.permute(2, 0, 1, 3))
+                    _tap_col2im(
+                        gxs.view(-1, *padded, n),
+                        gtaps.view(groups * cin_g, *kernel, -1, n),
+                        (lo, hi),
+                        stride,
+                        dilation,
+                        out_sp,
+                    )
+                continue
             if grad_w is not None:
                 cols = _windows(xt, (lo, hi), kernel, stride, dilation, groups)
                 if n == 1:  # outer products

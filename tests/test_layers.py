@@ -443,7 +443,7 @@ CHUNK_CASES = [
 
 
 @pytest.mark.parametrize("ndim, cin, cout, spatial, k, kw", CHUNK_CASES)
-@pytest.mark.parametrize("n", [1, 3, 20])
+@pytest.mark.parametrize("n", [1, 3, 20, 40])  # single sample, tap-major, gathered rows
 def test_lc_in_row_chunks_equals_conv(monkeypatch, ndim, cin, cout, spatial, k, kw, n):
     """One output row per chunk (the layer works a few rows at a time on large inputs)."""
     import convtool.layers as layers
@@ -594,3 +594,41 @@ def test_lc_weight_gradient_buffer_is_reused_only_when_nothing_holds_it():
     # accumulation into a held gradient still adds
     lc(x).backward(grads[0])
     torch.testing.assert_close(lc.weight.grad, wanted[2] + wanted[0], **F64)
+
+
+@pytest.mark.parametrize("n", [1, 3, 40])  # single sample, tap-major, gathered rows
+def test_lc_bfloat16_values_and_gradients_follow_the_conv(n):
+    """bfloat16 takes torch's products (numpy has no bfloat16) on every path."""
+    conv = make_conv(2, 4, 6, (2, 3), stride=(2, 1), padding=1, groups=2)
+    lc = to_locally_connected(conv, (4, 7, 6)).to(torch.bfloat16)
+    x = batch((4, 7, 6), n=n)
+    x_lc = x.to(torch.bfloat16).requires_grad_()
+    y, y_lc = conv(x.requires_grad_()), lc(x_lc)
+    assert y_lc.dtype == torch.bfloat16
+    tol = {"atol": 0.1, "rtol": 0.05}
+    torch.testing.assert_close(y_lc.double(), y, **tol)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_lc.backward(g.to(torch.bfloat16))
+    torch.testing.assert_close(x_lc.grad.double(), x.grad, **tol)
+    gw = lc.weight.grad.double().sum((0, 1))
+    scale = conv.weight.grad.abs().max().item()
+    torch.testing.assert_close(gw, conv.weight.grad, atol=0.03 * scale, rtol=0.05)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_stacked_matmul_over_two_batch_dims_into_a_strided_out(dtype):
+    """Two batch dims (positions, groups), `out` a permuted view of a tap-major buffer: numpy
+    writes into it in place; other dtypes go through torch and are copied in."""
+    from convtool.layers import _matmuls
+
+    torch.manual_seed(0)
+    a = torch.randn(3, 2, 6, 4, dtype=torch.float64).to(dtype).transpose(2, 3)  # (3, 2, 4, 6)
+    b = torch.randn(3, 2, 6, 5, dtype=dtype)
+    buf = torch.zeros(2, 4, 3, 5, dtype=dtype)  # (G, R, P, M): row stride P*M
+    out = buf.permute(2, 0, 1, 3)  # (P, G, R, M)
+    expected = torch.einsum("pgrk,pgkm->pgrm", a.double(), b.double())
+    _matmuls(a, b, out=out)
+    tol = {"atol": 1e-10, "rtol": 1e-10} if dtype == torch.float64 else {"atol": 0.1, "rtol": 0.05}
+    torch.testing.assert_close(out.double(), expected, **tol)
+    torch.testing.assert_close(buf.permute(2, 0, 1, 3).double(), expected, **tol)
