@@ -259,6 +259,13 @@ class ConvSpec:
             padding = tuple(padding)
             if len(padding) == ndim + 1 and padding[0] == 0:
                 padding = padding[1:]
+            if any(isinstance(p, int) and not isinstance(p, bool) and p < 0 for p in padding):
+                # F.pad reads a negative width as a crop, so torch runs such a layer
+                raise ConvtoolError(
+                    f"padding must be non-negative, got {tuple(m.padding)!r}: with "
+                    f"padding_mode={m.padding_mode!r} torch crops the input by a negative "
+                    f"padding, which convtool does not support (crop the input instead)"
+                )
             _tuple(padding, ndim, "padding", minimum=0, broadcast=False)
         return cls.create(
             ndim=ndim,

@@ -120,6 +120,15 @@ def test_matches_torch_or_raises_convtool_error(data: st.DataObject) -> None:
             return
         raise AssertionError(f"torch refused input {shape} for {layer} but convtool accepted it")
 
+    padding = kwargs["padding"]
+    pads = (padding,) if isinstance(padding, int) else padding
+    if kwargs["padding_mode"] != "zeros" and any(isinstance(p, int) and p < 0 for p in pads):
+        # torch crops the input by a negative padding in non-zero modes (F.pad); convtool
+        # refuses that layer, saying so
+        with pytest.raises(ConvtoolError, match="torch crops the input by a negative padding"):
+            toeplitz(layer, shape)
+        event("negative padding in a non-zero mode (torch crops): refused")
+        return
     event("valid: compared with torch")
     t = toeplitz(layer, shape)
     b = bias_vector(layer, shape)
@@ -133,3 +142,12 @@ def test_matches_torch_or_raises_convtool_error(data: st.DataObject) -> None:
     torch.testing.assert_close(t, jac, rtol=0, atol=1e-12)
     ts = toeplitz(layer, shape, sparse=True)
     torch.testing.assert_close(ts.to_dense(), t, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_negative_padding_that_torch_reads_as_a_crop_is_refused(mode: str) -> None:
+    # Found by the fuzz test above: torch runs this layer (F.pad crops by -1); convtool refuses.
+    layer = torch.nn.Conv1d(1, 1, 1, padding=-1, padding_mode=mode)
+    assert layer(torch.randn(1, 1, 3)).shape == (1, 1, 1)
+    with pytest.raises(ConvtoolError, match="torch crops the input by a negative padding"):
+        toeplitz(layer, (1, 3))
