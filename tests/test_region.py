@@ -236,6 +236,24 @@ def test_non_finite_values_outside_the_region_do_not_leak(bad: float, fill: floa
             assert bool((rest.isnan() if math.isnan(fill) else rest == fill).all()), method
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_overflowing_conv_outside_the_region_does_not_leak(dtype: torch.dtype) -> None:
+    # Finite input and weights whose conv overflows to inf: the masking multiply must not turn
+    # the unselected infs into NaN (the 'full' path proves finiteness from the input, which is
+    # smaller than the output here, and must see that it cannot).
+    layer = nn.Conv2d(1, 8, 3, padding=1).to(dtype)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+    x = torch.full((1, 1, 6, 6), torch.finfo(dtype).max / 4, dtype=dtype)
+    y = layer(x)
+    assert bool(y.isinf().any())
+    mask = torch.zeros(6, 6, dtype=torch.bool)
+    mask[:2] = True
+    for fill in (0.0, 2.0):
+        z = RegionConv(layer, method="full")(x, mask, fill=fill)
+        torch.testing.assert_close(z, torch.where(mask, y, fill))
+
+
 def test_default_density_threshold_switches_path_exactly() -> None:
     layer = nn.Conv2d(4, 6, 3, padding=1, padding_mode="circular")
     x = torch.randn(2, 4, 12, 12)
