@@ -823,9 +823,11 @@ def _gather_gemm_shared(
 
     Per chunk: `index_select` along the last axis of the `(N*C_in, P)` view (one index for all
     rows, about 3x faster than `torch.gather` with a broadcast index), zero the taps on zero
-    padding, one matmul per channel group, add the bias, and `index_copy_` into the output's
-    `(N*C_out, P)` view. Without autograd the chunks reuse two buffers (`out=`); with it, each
-    chunk's tensors are its own (autograd keeps them for the backward).
+    padding, one matmul per channel group; then the bias, and one `index_copy_` of all values
+    into the output's `(N*C_out, P)` view, or for a dense region (:data:`_ASSEMBLE`) one
+    `index_select` that reads every output value from them. Without autograd the chunks reuse
+    two buffers (`out=`); with it, each chunk's tensors are its own (autograd keeps them for
+    the backward).
     """
     n, c_in, c_out = x.shape[0], spec.in_channels, spec.out_channels
     in_sp, out_sp = tuple(x.shape[2:]), out[1:]
