@@ -145,12 +145,14 @@ def layers_with_shapes(
     chosen: Sequence[ConvLayer],
     input_shape: Sequence[int] | None,
     explain: Callable[[ConvtoolError], str] = str,
+    verb: str = "checked",
 ) -> tuple[list[tuple[ConvLayer, tuple[int, ...]]], list[str]]:
     """Each layer with its one-sample input shape `(C_in, *spatial)`, and notes.
 
     A conv the model calls on several shapes comes once per shape; a model's conv whose shape
     is unknown (the example input does not call it) is left out with a note, which `explain`
     words from the error (the CLI spells parameters as flags). Raises when nothing is left.
+    `verb` says what the caller does with each layer ('checked', 'analysed'), for the notes.
     """
     pairs: list[tuple[ConvLayer, tuple[int, ...]]] = []
     notes: list[str] = []
@@ -160,7 +162,7 @@ def layers_with_shapes(
             shapes = cap.conflicts[conv.name]
             seen = ", ".join(",".join(map(str, s)) for s in shapes)
             notes.append(f"{conv.name!r} is called on {len(shapes)} input shapes ({seen}): each "
-                         f"is checked; end to end it stays a conv")  # fmt: skip
+                         f"is {verb}")  # fmt: skip
             pairs.extend((conv, tuple(s)) for s in shapes)
             continue
         try:
@@ -168,9 +170,9 @@ def layers_with_shapes(
         except ConvtoolError as exc:
             if not src.is_model or len(chosen) == 1:
                 raise
-            notes.append(f"not checked: {explain(exc)}")
+            notes.append(f"not {verb}: {explain(exc)}")
     if not pairs:
-        raise ConvtoolError(f"no conv layer could be checked: {'; '.join(notes)}")
+        raise ConvtoolError(f"no conv layer could be {verb}: {'; '.join(notes)}")
     return pairs, notes
 
 

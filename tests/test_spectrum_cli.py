@@ -209,3 +209,34 @@ def test_bad_options(kernel: Path, args: list[str], message: str) -> None:
     r = run("spectrum", kernel, "-i", "3,6,7", *args)
     assert r.exit_code == 2
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_conv_called_on_two_shapes_is_analysed_at_each(tmp_path: Path) -> None:
+    # The shared shape logic (describe.layers_with_shapes): one entry per input shape, each
+    # against torch's own conv on the identity basis.
+    from tests.models_for_tests import make_shared
+
+    model = make_shared()
+    sd = tmp_path / "shared.pt"
+    torch.save(model.state_dict(), sd)
+    r = run(
+        "spectrum", sd, "--model", "tests.models_for_tests:make_shared", "-i", "1,2,8,8", "--json"
+    )
+    assert r.exit_code == 0, r.stderr
+    data = json.loads(r.stdout)
+    got = sorted((layer["name"], layer["sigma_max"]) for layer in data["layers"])
+    assert [name for name, _ in got] == ["conv", "conv", "other"]
+    assert any("2 input shapes" in note and "each is analysed" in note for note in data["notes"])
+    want = []
+    for name, conv, side in (
+        ("conv", model.conv, 8),
+        ("conv", model.conv, 4),
+        ("other", model.other, 8),
+    ):
+        n = 2 * side * side
+        eye = torch.eye(n, dtype=torch.float64).view(n, 2, side, side)
+        w = conv.weight.detach().double()
+        t = torch.nn.functional.conv2d(eye, w, padding=conv.padding).reshape(n, -1).T
+        want.append((name, float(torch.linalg.svdvals(t)[0])))
+    for (name, sigma), (name_w, sigma_w) in zip(got, sorted(want), strict=True):
+        assert name == name_w and sigma == pytest.approx(sigma_w, rel=1e-9)

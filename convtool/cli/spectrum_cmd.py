@@ -9,9 +9,9 @@ import typer
 
 from convtool.cli import options as opt
 from convtool.cli.app import app
+from convtool.cli.flags import cli_message
 from convtool.cli.progress import progress
-from convtool.cli.shapes import layer_input_shape
-from convtool.describe import chosen_layers
+from convtool.describe import chosen_layers, layers_with_shapes
 from convtool.errors import ConvtoolError
 from convtool.io.writers import atomic_outputs, check_target
 from convtool.operators import METHODS, SpectrumReport, layer_spectrum
@@ -106,24 +106,22 @@ def spectrum_command(
         opt.conv_flags(stride, padding, dilation, groups, padding_mode, transposed, output_padding),
     )
     chosen = chosen_layers(src, layer, layers)
-    pairs, notes = [], []
-    for conv in chosen:
-        if not allow_nonfinite:
+    if not allow_nonfinite:
+        for conv in chosen:
             check_finite(conv)
-        if not conv.exact_spec:  # spectrum() takes one conv; this one pads or crops around it
-            notes.append(
-                f"left out: {conv.name!r} pads or crops unevenly around its conv (an ONNX node "
-                f"with asymmetric pads); its singular values are not those of one conv"
-            )
-            continue
-        try:
-            pairs.append((conv, layer_input_shape(src, conv, input_shape)))
-        except ConvtoolError as exc:
-            if not src.is_model or len(chosen) == 1:
-                raise
-            notes.append(f"left out: {exc}")
-    if not pairs:
+    # spectrum() takes one conv; an ONNX node with asymmetric pads pads or crops around it
+    uneven = [c for c in chosen if not c.exact_spec]
+    notes = [
+        f"not analysed: {c.name!r} pads or crops unevenly around its conv (an ONNX node with "
+        f"asymmetric pads); its singular values are not those of one conv"
+        for c in uneven
+    ]
+    even = [c for c in chosen if c.exact_spec]
+    if not even:
         raise ConvtoolError(f"no conv layer could be analysed: {'; '.join(notes)}")
+    shape = None if input_shape is None else opt.parse_shape(input_shape, "--input-shape")
+    pairs, shape_notes = layers_with_shapes(src, even, shape, cli_message, verb="analysed")
+    notes += shape_notes
     results = []
     with progress(len(pairs), "singular values", not json_out) as advance:
         for conv, shape in pairs:
