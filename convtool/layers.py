@@ -186,6 +186,26 @@ def _row_chunks(out_sp: tuple[int, ...], per_position: int) -> list[tuple[int, i
     return [(lo, min(rows, lo + step)) for lo in range(0, rows, step)]
 
 
+def _window_view(
+    xt: Tensor,
+    rows: tuple[int, int],
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+) -> Tensor:
+    """The windows of output rows `rows` (first axis) as a view of `xt (C_in, *padded, N)`:
+    `(C_in, *out_rows, N, *kernel)`, no copy."""
+    lo, hi = rows
+    span = (hi - lo - 1) * stride[0] + dilation[0] * (kernel[0] - 1) + 1
+    win = xt.narrow(1, lo * stride[0], span)
+    for axis in range(len(kernel)):
+        win = win.unfold(axis + 1, dilation[axis] * (kernel[axis] - 1) + 1, stride[axis])
+    if any(d > 1 for d in dilation):
+        every: tuple[Any, ...] = (..., *(slice(None, None, d) for d in dilation))
+        win = win[every]
+    return win
+
+
 def _windows(
     xt: Tensor,
     rows: tuple[int, int],
@@ -200,14 +220,7 @@ def _windows(
     """
     ndim = len(kernel)
     c_in, n = xt.shape[0], xt.shape[-1]
-    lo, hi = rows
-    span = (hi - lo - 1) * stride[0] + dilation[0] * (kernel[0] - 1) + 1
-    win = xt.narrow(1, lo * stride[0], span)
-    for axis in range(ndim):
-        win = win.unfold(axis + 1, dilation[axis] * (kernel[axis] - 1) + 1, stride[axis])
-    if any(d > 1 for d in dilation):
-        every: tuple[Any, ...] = (..., *(slice(None, None, d) for d in dilation))
-        win = win[every]
+    win = _window_view(xt, rows, kernel, stride, dilation)
     # (C_in, *out, N, *k) -> (*out, G, C_in/g, *k, N) -> (P*G, C_in/g*K, N): one copy.
     win = win.unflatten(0, (groups, c_in // groups))
     perm = (*range(2, ndim + 2), 0, 1, *range(ndim + 3, 2 * ndim + 3), ndim + 2)
@@ -270,14 +283,7 @@ def _tap_windows(
     """
     ndim = len(kernel)
     c_in, n = xt.shape[0], xt.shape[-1]
-    lo, hi = rows
-    span = (hi - lo - 1) * stride[0] + dilation[0] * (kernel[0] - 1) + 1
-    win = xt.narrow(1, lo * stride[0], span)
-    for axis in range(ndim):
-        win = win.unfold(axis + 1, dilation[axis] * (kernel[axis] - 1) + 1, stride[axis])
-    if any(d > 1 for d in dilation):
-        every: tuple[Any, ...] = (..., *(slice(None, None, d) for d in dilation))
-        win = win[every]
+    win = _window_view(xt, rows, kernel, stride, dilation)
     # (C_in, *out, N, *k) -> (C_in, *k, *out, N)
     win = win.permute(0, *range(ndim + 2, 2 * ndim + 2), *range(1, ndim + 2))
     out = out[: win.numel()].view(win.shape)
