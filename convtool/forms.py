@@ -82,6 +82,16 @@ def model_forms_of(to: str | Target) -> tuple[Form, ...]:
     return tuple(f for f in forms_of(to) if f in (Form.LC, Form.FC_DENSE, Form.FC_SPARSE))
 
 
+def model_target(to: str | ModelTarget, sparse: bool) -> ModelTarget:
+    """`to` for a model conversion, checked against `sparse` (only the FC form is sparse)."""
+    target = parse(to, ModelTarget)
+    if sparse and target is not ModelTarget.FC:
+        raise ConvtoolError(
+            "sparse=True applies to the fully-connected form: use to='fc'", params=("sparse", "to")
+        )
+    return target
+
+
 def fc_form(sparse: bool) -> Form:
     """The FC form stored dense or sparse."""
     return Form.FC_SPARSE if sparse else Form.FC_DENSE

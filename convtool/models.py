@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from convtool import sizes
 from convtool.errors import ConvtoolError
-from convtool.forms import ModelTarget, parse
+from convtool.forms import ModelTarget, model_target
 from convtool.inventory import (
     ConvCall,
     ConvLayer,
@@ -289,11 +289,7 @@ def convert_with_report(
         kernel = getattr(module, "weight", None)
         if is_conv(module) and isinstance(kernel, Tensor):
             compute_dtype(kernel.dtype, f"the weight of conv {name or type(module).__name__!r}")
-    to = parse(to, ModelTarget)
-    if sparse and to != ModelTarget.FC:
-        raise ConvtoolError(
-            "sparse=True applies to the fully-connected form: use to='fc'", params=("sparse", "to")
-        )
+    to = model_target(to, sparse)
     if isinstance(model, torch.jit.ScriptModule):
         raise ConvtoolError(SCRIPT_REFUSAL)
     x = example_tensor(model, example_input)

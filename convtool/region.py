@@ -37,6 +37,8 @@ from convtool.resources import check_memory
 from convtool.spec import ConvSpec, build_conv
 
 SparseLayout = Literal["coo", "csr"]
+# Makes a region path's output: (like, shape, fill or None for uninitialised) -> tensor.
+Filled = Callable[[Tensor, tuple[int, ...], float | None], Tensor]
 
 
 # ---------------------------------------------------------------------------- masks
@@ -680,7 +682,7 @@ def _tiled(
     bias: Tensor | None,
     fill: float,
     out: tuple[int, ...],
-    filled: Callable[[Tensor, tuple[int, ...], float | None], Tensor],
+    filled: Filled,
 ) -> Tensor:
     """RegionConv's tile path (see :class:`RegionConv`)."""
     n, ndim = x.shape[0], spec.ndim
@@ -759,7 +761,7 @@ def _gather_gemm(
     bias: Tensor | None,
     fill: float,
     out: tuple[int, ...],
-    filled: Callable[[Tensor, tuple[int, ...], float | None], Tensor],
+    filled: Filled,
 ) -> Tensor:
     """RegionConv's gather path: gather the taps of the selected positions, one GEMM per
     channel group, write them into the `fill`ed output (:func:`_gather_gemm_shared`).
@@ -783,7 +785,7 @@ def _gather_gemm(
     return result
 
 
-def _given(t: Tensor) -> Callable[[Tensor, tuple[int, ...], float | None], Tensor]:
+def _given(t: Tensor) -> Filled:
     """An output maker that returns `t` (already made) whatever it is asked."""
 
     def make(_x: Tensor, _shape: tuple[int, ...], _fill: float | None) -> Tensor:
@@ -816,7 +818,7 @@ def _gather_gemm_shared(
     bias: Tensor | None,
     fill: float,
     out: tuple[int, ...],
-    filled: Callable[[Tensor, tuple[int, ...], float | None], Tensor],
+    filled: Filled,
     fresh: bool | None = None,
 ) -> Tensor:
     """The gather path for a mask shared by the batch, a chunk of positions at a time.

@@ -451,3 +451,21 @@ def test_fold_evaluates_onnx_linear_ops_as_onnxruntime_does() -> None:
     folded = folded_to_onnx(net)
     assert {n.op_type for n in folded.graph.node} <= FOLDED_OPS
     np.testing.assert_allclose(ort_run(folded, x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_target_refused_before_any_work() -> None:
+    # One check (forms.model_target) for convert_model, model_to_onnx and rewrite_onnx_convs.
+    import convtool
+    from convtool.export.pipeline import model_to_onnx
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3))
+    for call in (
+        lambda **kw: model_to_onnx(model, (1, 1, 5, 5), **kw),
+        lambda **kw: rewrite_onnx_convs(object(), **kw),  # not even a model: refused first
+        lambda **kw: convtool.convert_model(model, (1, 1, 5, 5), **kw),
+    ):
+        with pytest.raises(ConvtoolError, match="`to` must be 'lc' or 'fc'") as bad:
+            call(to="toeplitz")
+        assert bad.value.params == ("to",)
+        with pytest.raises(ConvtoolError, match="sparse=True applies to the fully-connected"):
+            call(to="lc", sparse=True)

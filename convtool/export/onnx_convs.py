@@ -18,6 +18,7 @@ import torch
 
 from convtool.errors import ConvtoolError
 from convtool.export import onnx_forms as forms
+from convtool.forms import model_target
 from convtool.resources import check_memory, human_bytes
 from convtool.spec import ConvSpec
 
@@ -215,13 +216,7 @@ def plan_convs(
     """
     from convtool.inventory import select as select_layers
 
-    if to not in ("lc", "fc"):
-        raise ConvtoolError(f"to must be 'lc' or 'fc', got {to!r}")
-    if sparse and to != "fc":
-        raise ConvtoolError(
-            "sparse=True applies to the fully-connected form: use to='fc'",
-            params=("sparse", "to"),
-        )
+    to = model_target(to, sparse)
     if opset_of(model) < 13:
         raise ConvtoolError(
             f"the ONNX model imports opset {opset_of(model)}; the LC/FC forms "

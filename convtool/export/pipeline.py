@@ -18,6 +18,7 @@ from convtool.export import precheck
 from convtool.export.fold import FoldedNetwork, fold_onnx
 from convtool.export.onnx_convs import rewrite_onnx_convs
 from convtool.export.torch_onnx import DEFAULT_OPSET, export_onnx, require_onnx
+from convtool.forms import model_target
 from convtool.resources import check_memory
 from convtool.spec import ConvSpec, is_conv
 
@@ -85,13 +86,7 @@ def model_to_onnx(
         (the model, one dict per rewritten conv).
     """
     require_onnx()
-    if to not in ("lc", "fc"):
-        raise ConvtoolError(f"to must be 'lc' or 'fc', got {to!r}")
-    if sparse and to != "fc":
-        raise ConvtoolError(
-            "sparse=True applies to the fully-connected form: use to='fc'",
-            params=("sparse", "to"),
-        )
+    to = model_target(to, sparse)
     if isinstance(model, nn.Module):
         check_forms(model, example_shape, to, sparse, layers, memory_limit)
     plain = export_onnx(model, example_shape, opset=opset)
