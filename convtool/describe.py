@@ -160,8 +160,8 @@ def layers_with_shapes(
     for conv in chosen:
         if cap is not None and conv.name in cap.conflicts:
             shapes = cap.conflicts[conv.name]
-            seen = ", ".join(",".join(map(str, s)) for s in shapes)
-            notes.append(f"{conv.name!r} is called on {len(shapes)} input shapes ({seen}): each "
+            seen = ", ".join("(" + ",".join(map(str, s)) + ")" for s in shapes)
+            notes.append(f"{conv.name!r} is called on {len(shapes)} input shapes {seen}: each "
                          f"is {verb}")  # fmt: skip
             pairs.extend((conv, tuple(s)) for s in shapes)
             continue
