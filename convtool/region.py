@@ -442,10 +442,14 @@ class RegionConv(nn.Module):
         self.method: str = method
         self.last_method: str | None = None  # what the latest call ran, for benchmarks and tests
         self._spare: torch.UntypedStorage | None = None  # see _filled
-        self._spare_lock = threading.Lock()
 
     def extra_repr(self) -> str:
         return f"method={self.method!r}"
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a copy or a pickle starts without the previous output's memory (see _filled)
+        state = super().__getstate__()
+        return {**state, "_spare": None}
 
     def forward(self, x: Tensor, mask: Any, fill: float = 0.0) -> Tensor:
         """The conv's output at the masked positions, `fill` elsewhere.
@@ -515,7 +519,7 @@ class RegionConv(nn.Module):
         nbytes = math.prod(shape) * x.element_size()
         if nbytes >= _FRESH_MAPPING or _use_count is None or not _eager(x):
             return _filled(x, shape, fill)
-        with self._spare_lock:
+        with _SPARE_LOCK:
             spare = self._spare
             if (
                 spare is None
@@ -957,6 +961,8 @@ def _fresh_zeros(x: Tensor, shape: tuple[int, ...], fill: float) -> bool:
     return _large_cpu(x, shape) and fill == 0 and math.copysign(1.0, fill) > 0
 
 
+# Guards RegionConv._spare: a check of its use count and the taking of it are one step.
+_SPARE_LOCK = threading.Lock()
 # glibc's largest dynamic mmap threshold: bigger allocations are always fresh mappings.
 _FRESH_MAPPING = 32 << 20
 # How many references a storage has (private; without it outputs are never reused).

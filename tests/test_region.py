@@ -298,6 +298,29 @@ def test_reused_output_memory_never_shows() -> None:
 
 
 # scattered into the output / assembled; per sample: one of each and an empty one
+def test_copies_and_pickles_without_the_reused_output() -> None:
+    import copy
+
+    layer = nn.Conv2d(2, 3, 3, padding=1)
+    rc = RegionConv(layer)
+    x = torch.randn(2, 2, 9, 9)
+    mask = torch.rand(9, 9) < 0.3
+    with torch.no_grad():
+        rc(x, mask)  # leaves the output's memory for the next call
+        want = torch.where(mask, layer(x), 0.0)
+        for other in (copy.deepcopy(rc), _pickled(rc)):
+            torch.testing.assert_close(other(x, mask), want)
+
+
+def _pickled(module: nn.Module) -> nn.Module:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(module, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)  # our own bytes, written just above
+
+
 @pytest.mark.parametrize("density", [0.03, 0.5, "per sample"])
 @pytest.mark.parametrize("grad", [False, True])
 @pytest.mark.parametrize("fill", [0.0, math.nan])
