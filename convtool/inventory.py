@@ -410,15 +410,22 @@ RUN_PARAMS = ("example_input", "forward_kwargs", "layer_input_shape")
 
 def run_model(model: nn.Module, x: Tensor, forward_kwargs: Mapping[str, Any] | None = None) -> Any:
     """`model(x, **forward_kwargs)` in eval mode without grad; failures become one clear line."""
+    with _evaluating(model, tuple(x.shape)), torch.no_grad():
+        return model(x, **dict(forward_kwargs or {}))
+
+
+@contextlib.contextmanager
+def _evaluating(model: nn.Module, shape: tuple[int, ...]) -> Iterator[None]:
+    """The model in eval mode (its own mode back afterwards); a failure of the run inside
+    becomes one clear line."""
     was_training = model.training
     _set_training(model, False)
     try:
-        with torch.no_grad():
-            return model(x, **dict(forward_kwargs or {}))
+        yield
     except ConvtoolError:
         raise
     except Exception as exc:
-        raise ConvtoolError(run_failure(exc, tuple(x.shape)), params=RUN_PARAMS) from None
+        raise ConvtoolError(run_failure(exc, shape), params=RUN_PARAMS) from None
     finally:
         _set_training(model, was_training)
 
@@ -752,17 +759,12 @@ def _capture_eager_run(
         _check_output(call)
         return run()
 
-    was_training = model.training
-    _set_training(model, False)
-    try:
-        with intercept(model, handle), torch.set_grad_enabled(traced):
-            model(probe, **dict(forward_kwargs or {}))
-    except ConvtoolError:
-        raise
-    except Exception as exc:
-        raise ConvtoolError(run_failure(exc, tuple(x.shape)), params=RUN_PARAMS) from None
-    finally:
-        _set_training(model, was_training)
+    with (
+        _evaluating(model, tuple(x.shape)),
+        intercept(model, handle),
+        torch.set_grad_enabled(traced),
+    ):
+        model(probe, **dict(forward_kwargs or {}))
     for layer in inv.layers:
         if layer.conflict and layer.skipped is None:
             seen = ", ".join(str(s) for s in layer.input_shapes)
